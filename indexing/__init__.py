@@ -1,0 +1,27 @@
+"""Indexing: embedding extraction, FAISS index, SQLite metadata and the index directory.
+
+The torch-free parts (opening and searching an index directory) are re-exported here for
+``serving``; extraction and building need torch and live in ``indexing.extract`` and
+``indexing.builder``. FAISS itself is imported only when an index is created or loaded.
+"""
+
+from indexing.errors import IndexFormatError
+from indexing.faiss_index import FaissIndex
+from indexing.index_dir import IndexDirectory, open_index_dir, write_index_dir
+from indexing.manifest import INDEX_FORMAT_VERSION, Manifest
+from indexing.metadata import MetadataRow, MetadataStore
+from indexing.results import SearchHit, SearchResults
+
+__all__ = [
+    "INDEX_FORMAT_VERSION",
+    "FaissIndex",
+    "IndexDirectory",
+    "IndexFormatError",
+    "Manifest",
+    "MetadataRow",
+    "MetadataStore",
+    "SearchHit",
+    "SearchResults",
+    "open_index_dir",
+    "write_index_dir",
+]

@@ -1,0 +1,249 @@
+"""An index directory: ``manifest.json`` + ``index.faiss`` + ``metadata.sqlite`` (+ ``skipped.tsv``).
+
+The directory is the unit that is built, shipped and served. It is written through
+``retrieval.atomic.atomic_directory``: everything goes into a temporary sibling that is
+renamed into place only when complete, so a crash or kill during a rebuild leaves the
+previous index loadable. Opening checks that the three files agree with each other, so a
+hand-edited or mixed-up directory fails with a message instead of returning wrong hits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from indexing.errors import IndexFormatError
+from indexing.faiss_index import NO_ID, FaissIndex
+from indexing.manifest import Manifest
+from indexing.metadata import MetadataRow, MetadataStore
+from indexing.results import SearchHit, SearchResults
+from retrieval.atomic import atomic_directory
+from retrieval.data.images import SkipReport
+
+__all__ = [
+    "INDEX_FILE",
+    "MANIFEST_FILE",
+    "METADATA_FILE",
+    "SKIPPED_FILE",
+    "IndexDirectory",
+    "IndexFormatError",
+    "open_index_dir",
+    "write_index_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+METADATA_FILE = "metadata.sqlite"
+SKIPPED_FILE = "skipped.tsv"
+
+
+def write_index_dir(
+    path: str | Path,
+    index: FaissIndex,
+    rows: Iterable[MetadataRow | Mapping[str, Any]],
+    manifest: Manifest,
+    skipped: SkipReport | None = None,
+) -> Path:
+    """Write a complete index directory at ``path``, replacing any previous one atomically.
+
+    Args:
+        path: the index directory to create or replace.
+        index: the filled FAISS index.
+        rows: one metadata row per indexed id; consumed lazily, so it may be a generator.
+        manifest: its ``dim`` and ``count`` must match ``index``.
+        skipped: files left out of the build; written as ``skipped.tsv`` when non-empty.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        IndexFormatError: manifest, index and metadata disagree (dimension, count or ids), or
+            ``path`` exists and is not an index directory; the previous content at ``path`` is
+            then left untouched.
+    """
+    path = Path(path)
+    _check_replaceable(path)
+    if manifest.dim != index.dim:
+        raise IndexFormatError(f"manifest dim {manifest.dim} does not match the index dimension {index.dim}")
+    if manifest.count != index.ntotal:
+        raise IndexFormatError(f"manifest count {manifest.count} does not match the {index.ntotal} indexed vectors")
+    if manifest.factory != index.factory:
+        raise IndexFormatError(f"manifest factory {manifest.factory!r} does not match the index's {index.factory!r}")
+    with atomic_directory(path) as tmp:
+        index.save(tmp / INDEX_FILE)
+        with MetadataStore(tmp / METADATA_FILE) as store:
+            store.add_many(rows)
+            stored = store.ids()
+        if not np.array_equal(stored, np.sort(index.ids())):
+            raise IndexFormatError(
+                f"metadata rows ({stored.size}) do not cover exactly the {index.ntotal} ids in the index"
+            )
+        if skipped is not None and len(skipped):
+            skipped.write(tmp / SKIPPED_FILE)
+        manifest.write(tmp / MANIFEST_FILE)  # last: a directory with a manifest is a complete one
+    logger.info("wrote index directory %s (%d items, dim %d)", path, manifest.count, manifest.dim)
+    return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to overwrite anything but an index directory: ``--out ~/photos`` must not delete photos."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise IndexFormatError(f"refusing to write an index at {path}: it exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST_FILE).is_file():
+        raise IndexFormatError(
+            f"refusing to replace {path}: it is a non-empty directory without {MANIFEST_FILE}, "
+            "so it does not look like an index; choose another output path"
+        )
+
+
+def open_index_dir(path: str | Path) -> IndexDirectory:
+    """Open an index directory for search, checking that its files agree.
+
+    Raises:
+        IndexFormatError: not a directory, a missing file, an unsupported format version, or a
+            dimension/count mismatch between manifest, FAISS index and metadata.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise IndexFormatError(f"index directory not found: {path}{_leftover_hint(path)}")
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise IndexFormatError(
+            f"{path} is not an index directory: {MANIFEST_FILE} is missing "
+            f"(expected {MANIFEST_FILE}, {INDEX_FILE} and {METADATA_FILE})"
+        )
+    manifest = Manifest.read(manifest_file)
+    for name in (INDEX_FILE, METADATA_FILE):
+        if not (path / name).is_file():
+            raise IndexFormatError(f"index directory {path} is incomplete: {name} is missing")
+    try:
+        index = FaissIndex.load(path / INDEX_FILE, factory=manifest.factory)
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"index directory {path}: {exc}") from exc
+    if index.dim != manifest.dim:
+        raise IndexFormatError(
+            f"index directory {path}: {MANIFEST_FILE} says dim {manifest.dim} but {INDEX_FILE} holds "
+            f"{index.dim}-dimensional vectors"
+        )
+    if index.ntotal != manifest.count:
+        raise IndexFormatError(
+            f"index directory {path}: {MANIFEST_FILE} says {manifest.count} items but {INDEX_FILE} holds {index.ntotal}"
+        )
+    metadata = MetadataStore(path / METADATA_FILE, readonly=True)
+    try:
+        rows = metadata.count()
+    except Exception as exc:
+        metadata.close()
+        raise IndexFormatError(f"index directory {path}: cannot read {METADATA_FILE}: {exc}") from exc
+    if rows != manifest.count:
+        metadata.close()
+        raise IndexFormatError(
+            f"index directory {path}: {METADATA_FILE} has {rows} rows but {MANIFEST_FILE} says {manifest.count} items"
+        )
+    return IndexDirectory(path, manifest, index, metadata)
+
+
+def _leftover_hint(path: Path) -> str:
+    """Point at a previous version left aside by a crash between the two renames of an atomic write."""
+    if not path.parent.is_dir():
+        return ""
+    old = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if not old:
+        return ""
+    return (
+        f" (a previous version was left at {old[-1]} by an interrupted write; rename it to {path.name} to restore it)"
+    )
+
+
+class IndexDirectory:
+    """An opened index directory: manifest, FAISS index and metadata, searchable.
+
+    Use ``open_index_dir`` to create one. Searching is safe from several threads.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, index: FaissIndex, metadata: MetadataStore) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self.metadata = metadata
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(self, query_embeddings: np.ndarray, k: int) -> list[SearchResults]:
+        """Nearest gallery items for each query embedding, joined with their metadata.
+
+        Args:
+            query_embeddings: ``(Q, dim)`` L2-normalised float32 embeddings from an encoder compatible
+                with ``manifest.encoder_id``.
+            k: hits wanted per query (fewer when the index holds fewer items).
+
+        Returns:
+            One ``SearchResults`` per query, best first.
+
+        Raises:
+            ValueError: wrong shape or dimension, or a non-positive ``k``.
+        """
+        queries = np.asarray(query_embeddings)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"query embeddings must have shape (Q, {self.dim}) for this index, got {queries.shape}")
+        scores, ids = self.index.search(queries, k)
+        wanted = np.unique(ids[ids != NO_ID])
+        rows = self.metadata.get_many(wanted.tolist())
+        results = []
+        for q_scores, q_ids in zip(scores, ids, strict=True):
+            hits = []
+            for score, item_id in zip(q_scores.tolist(), q_ids.tolist(), strict=True):
+                if item_id == NO_ID:
+                    continue
+                row = rows.get(item_id)
+                hits.append(
+                    SearchHit(
+                        id=item_id,
+                        score=score,
+                        path=row.path if row else None,
+                        labels=dict(row.labels) if row else {},
+                    )
+                )
+            results.append(SearchResults(tuple(hits)))
+        return results
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (manifest fields, file sizes) for ``retrieval index info``."""
+        files = {
+            name: (self.path / name).stat().st_size
+            for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE, SKIPPED_FILE)
+            if (self.path / name).is_file()
+        }
+        return {
+            "path": str(self.path),
+            **self.manifest.model_dump(),
+            "ntotal": self.index.ntotal,
+            "files": files,
+            "size_bytes": sum(files.values()),
+        }
+
+    def close(self) -> None:
+        self.metadata.close()
+
+    def __enter__(self) -> IndexDirectory:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"IndexDirectory({str(self.path)!r}, count={self.manifest.count}, dim={self.dim})"

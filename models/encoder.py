@@ -1,0 +1,79 @@
+"""The encoder: backbone -> attention -> pooling -> embedding head -> L2-normalised vector.
+
+Everything needed to rebuild an encoder (architecture and preprocessing) lives in its
+``EncoderConfig``, which travels inside every checkpoint, so indexing and serving never
+need a second copy of the input size or normalisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from models import attention as _attention  # noqa: F401  (registers the attention modules)
+from models import pooling as _pooling  # noqa: F401  (registers the pooling modules)
+from models.backbones import create_backbone
+from models.heads import EmbeddingHead
+from models.registries import ATTENTION, POOLING
+from retrieval.config import StrictModel
+from retrieval.data.labels import DEFAULT_LEVELS
+from retrieval.data.transforms import PreprocessConfig
+
+__all__ = ["Encoder", "EncoderConfig"]
+
+
+class EncoderConfig(StrictModel):
+    """Architecture and preprocessing of an encoder; stored in its checkpoint."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    attention: str = "identity"
+    attention_params: dict[str, Any] = Field(default_factory=dict)
+    pooling: str = "gem"
+    pooling_params: dict[str, Any] = Field(default_factory=lambda: {"p": 3.0})
+    embedding_dim: int = Field(default=128, gt=0)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    levels: list[str] = Field(default_factory=lambda: list(DEFAULT_LEVELS))
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    teacher_id: str | None = None
+
+
+class Encoder(nn.Module):
+    """Maps a batch of normalised images ``(N, 3, H, W)`` to L2-normalised float32 embeddings ``(N, D)``.
+
+    Args:
+        config: architecture and preprocessing.
+        backbone_weights: optional local file with pretrained backbone weights.
+    """
+
+    def __init__(self, config: EncoderConfig, backbone_weights: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = create_backbone(config.backbone, pretrained=config.pretrained, weights=backbone_weights)
+        channels = int(self.backbone.num_features)
+        self.attention = ATTENTION.get(config.attention)(channels, **config.attention_params)
+        self.pooling = POOLING.get(config.pooling)(**config.pooling_params)
+        self.head = EmbeddingHead(channels, config.embedding_dim)
+        self.encoder_id: str | None = None  # set when loaded from or saved to a checkpoint
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_dim
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone + attention output ``(N, C, h, w)``; the hook for feature-level methods (mixup, GLAM)."""
+        features = self.backbone.forward_features(images)
+        if features.ndim != 4:
+            raise ValueError(
+                f"backbone {self.config.backbone!r} returned a {features.ndim}-d output; "
+                "the encoder needs a convolutional (N, C, H, W) feature map"
+            )
+        return self.attention(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooling(self.feature_map(images))
+        return self.head(pooled.float())

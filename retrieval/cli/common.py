@@ -1,0 +1,44 @@
+"""Helpers shared by the CLI commands: console output, JSON printing and the error boundary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+
+__all__ = ["console", "err_console", "fail", "print_json", "user_errors"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    """Print machine-readable output on stdout, nothing else on that stream."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` to stderr and return the exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors written for the user into one ``error:`` line and exit status 2, not a traceback."""
+    from retrieval.errors import UserFacingError
+
+    try:
+        yield
+    except UserFacingError as exc:
+        raise fail(str(exc)) from None
+    except FileNotFoundError as exc:
+        raise fail(f"file not found: {exc.filename or exc}") from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", code=130) from None

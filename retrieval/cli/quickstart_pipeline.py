@@ -1,0 +1,213 @@
+"""The quickstart pipeline: synthetic gallery -> train -> evaluate -> index -> export -> search.
+
+Kept apart from the typer command so that tests (and notebooks) can run it as a function
+and inspect its result. It sits in the CLI layer because it is the one place that joins
+every stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["QuickstartOptions", "QuickstartResult", "run_quickstart"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuickstartOptions:
+    """What the quickstart runs; every field has a default that works on a 2-core laptop."""
+
+    work_dir: Path = Path("quickstart-run")
+    minutes: float = 5.0
+    seed: int = 0
+    recipe: str = "quickstart"
+    overrides: Sequence[str] = ()
+    num_queries: int = 4
+    top_k: int = 5
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class QuickstartResult:
+    """Everything the quickstart produced and measured."""
+
+    metrics: dict[str, Any]
+    chance: dict[str, Any]
+    training: dict[str, Any]
+    samples: list[dict[str, Any]]
+    paths: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "chance": self.chance,
+            "training": self.training,
+            "samples": self.samples,
+            "paths": self.paths,
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+
+
+Step = Callable[[str], None]
+
+
+def run_quickstart(options: QuickstartOptions, announce: Step = lambda message: None) -> QuickstartResult:
+    """Run the whole engine once on the synthetic hierarchical dataset and return what it measured."""
+    from retrieval.config import load_config
+    from training.config import TrainConfig
+    from training.recipe_paths import find_recipe
+
+    work = options.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = [
+        f"out_dir={work / 'train'}",
+        f"seed={options.seed}",
+        f"data.synthetic.seed={options.seed}",
+        f"schedule.max_minutes={options.minutes}",
+        f"device={options.device}",
+        *options.overrides,
+    ]
+    config = load_config(TrainConfig, find_recipe(options.recipe), overrides)
+    timings: dict[str, float] = {}
+
+    announce("1/6 generating the synthetic hierarchical gallery")
+    with _timed(timings, "data"):
+        test_csv = _write_dataset(config, work / "data")
+
+    announce(f"2/6 training {config.model.backbone} for at most {options.minutes:g} min")
+    with _timed(timings, "train"):
+        training = _train(config, options.progress)
+    encoder_path = Path(training["encoder_path"])
+
+    announce("3/6 indexing the test gallery (open-set: its fine classes were never trained on)")
+    with _timed(timings, "index"):
+        index_path, gallery = _index(encoder_path, test_csv, work / "index", options)
+
+    announce("4/6 evaluating per level (each test image queries all the others)")
+    with _timed(timings, "evaluate"):
+        metrics, chance = _evaluate(index_path, gallery, options.seed)
+
+    announce("5/6 exporting the query encoder to ONNX")
+    with _timed(timings, "export"):
+        onnx_path, cosine = _export(encoder_path, work / "query_encoder.onnx")
+
+    announce("6/6 searching with the ONNX query encoder and writing the contact sheet")
+    with _timed(timings, "search"):
+        samples = _sample_searches(index_path, onnx_path, gallery, options, work / "contact_sheet.png")
+
+    paths = {
+        "work_dir": str(work),
+        "encoder": str(encoder_path),
+        "index": str(index_path),
+        "query_encoder": str(onnx_path),
+        "contact_sheet": str(work / "contact_sheet.png"),
+        "test_csv": str(test_csv),
+    }
+    training["onnx_min_cosine"] = cosine
+    return QuickstartResult(metrics, chance, training, samples, paths, timings)
+
+
+class _timed:
+    def __init__(self, timings: dict[str, float], name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = time.perf_counter() - self.start
+
+
+def _write_dataset(config: Any, out: Path) -> Path:
+    """Write the synthetic splits as files; the trainer regenerates the same images in memory."""
+    from retrieval.data.synthetic import write_synthetic
+
+    written = write_synthetic(config.data.synthetic, out, overwrite=True)
+    return Path(written["test"])
+
+
+def _train(config: Any, progress: bool) -> dict[str, Any]:
+    from training.trainer import train
+
+    return train(config, resume=False, progress=progress).to_dict()
+
+
+def _index(encoder_path: Path, test_csv: Path, out: Path, options: QuickstartOptions) -> tuple[Path, Any]:
+    from indexing.builder import build_index
+    from retrieval.data.datasets import open_dataset
+
+    gallery = open_dataset(test_csv)
+    build_index(encoder_path, gallery, out, device=options.device, progress=options.progress)
+    return out, gallery
+
+
+def _evaluate(index_path: Path, gallery: Any, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-level metrics from the vectors in the index, and the same metrics for random vectors (chance)."""
+    from indexing.index_dir import open_index_dir
+    from retrieval.evaluation.protocols import evaluate_embeddings
+
+    index = open_index_dir(index_path)
+    ids, vectors = index.index.reconstruct_all()
+    labels = gallery.labels[ids]
+    report = evaluate_embeddings(vectors, labels, schema=gallery.schema)
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(vectors.shape).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    chance = evaluate_embeddings(noise, labels, schema=gallery.schema)
+    return report.to_dict(), chance.to_dict()
+
+
+def _export(encoder_path: Path, out: Path) -> tuple[Path, float]:
+    import torch
+
+    from models import load_encoder
+    from serving.export import check_onnx_parity, export_onnx
+
+    model = load_encoder(encoder_path)
+    path = export_onnx(model, out)
+    size = model.config.preprocess.input_size
+    sample = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return path, check_onnx_parity(model, path, sample)
+
+
+def _pick_queries(gallery: Any, count: int, seed: int) -> list[int]:
+    """One query per coarse class (in order), so the sample searches show every family."""
+    coarse = gallery.labels[:, -1]
+    rng = np.random.default_rng(seed)
+    picks = [int(rng.choice(np.flatnonzero(coarse == c))) for c in np.unique(coarse)]
+    return picks[:count]
+
+
+def _sample_searches(
+    index_path: Path, onnx_path: Path, gallery: Any, options: QuickstartOptions, sheet_path: Path
+) -> list[dict[str, Any]]:
+    from serving.contact_sheet import render_contact_sheet
+    from serving.engine import SearchEngine
+
+    engine = SearchEngine.open(index_path, onnx_path)
+    picks = _pick_queries(gallery, options.num_queries, options.seed)
+    images = [gallery.load_image(i) for i in picks]
+    raw = engine.search(images, k=options.top_k + 1)
+    results = [r.without_ids({i}).top(options.top_k) for r, i in zip(raw, picks, strict=True)]
+    samples = [
+        {"query": gallery.names[i], "labels": gallery.label_names(i), **r.to_dict()}
+        for i, r in zip(picks, results, strict=True)
+    ]
+
+    def resolve(hit: Any) -> Any:
+        return gallery.load_image(int(hit.id))
+
+    render_contact_sheet(
+        [(img, gallery.label_names(i)) for img, i in zip(images, picks, strict=True)], results, resolve, sheet_path
+    )
+    return samples

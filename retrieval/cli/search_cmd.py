@@ -1,0 +1,51 @@
+"""``retrieval search``: query an index with image files from the shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from retrieval.cli.common import console, print_json, user_errors
+
+
+def search(
+    images: list[Path] = typer.Argument(..., help="Query image files."),
+    index: Path = typer.Option(..., "--index", help="Index directory to search."),
+    query_encoder: Path | None = typer.Option(
+        None, "--query-encoder", help="Checkpoint dir or .onnx file; default: the encoder that built the index."
+    ),
+    k: int = typer.Option(10, "--k", min=1, help="Number of hits per query."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+) -> None:
+    """Embed each query image and print its k nearest gallery images (id, score, path, labels).
+
+    An unreadable query image is reported and skipped; the other queries still run.
+    """
+    with user_errors():
+        from retrieval.data.images import CorruptImageError, load_image
+        from serving.engine import SearchEngine
+
+        engine = SearchEngine.open(index, query_encoder)
+        loaded, failures = [], []
+        for path in images:
+            try:
+                loaded.append((path, load_image(path)))
+            except CorruptImageError as exc:
+                failures.append({"query": str(path), "error": str(exc)})
+        results = engine.search([img for _, img in loaded], k=k) if loaded else []
+    payload = [{"query": str(p), **r.to_dict()} for (p, _), r in zip(loaded, results, strict=True)]
+    if as_json:
+        print_json({"results": payload, "errors": failures})
+    else:
+        for item in payload:
+            console.print(f"[bold]{item['query']}[/]")
+            for rank, hit in enumerate(item["hits"], start=1):
+                labels = " ".join(f"{lvl}={name}" for lvl, name in (hit.get("labels") or {}).items())
+                console.print(
+                    f"  {rank:>3}. {hit['score']:.4f}  id={hit['id']}  {hit['path']}  {labels}", highlight=False
+                )
+        for failure in failures:
+            console.print(f"[red]error:[/] {failure['error']}", highlight=False)
+    if failures and not payload:
+        raise typer.Exit(2)

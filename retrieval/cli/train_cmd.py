@@ -1,0 +1,39 @@
+"""``retrieval train``: train an encoder from a YAML recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from retrieval.cli.common import console, print_json, user_errors
+
+
+def train(
+    config: str = typer.Option(
+        "quickstart", "--config", "-c", help="A recipe YAML file, or the name of a packaged recipe (e.g. quickstart)."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: --set optim.lr=1e-3 (repeatable)."),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (overrides out_dir in the recipe)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoints/last if present."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
+) -> None:
+    """Train an encoder; writes OUT/encoder (checkpoint), OUT/config.yaml and OUT/metrics.jsonl.
+
+    Config values merge as defaults < recipe < --set overrides; the resolved config is
+    saved beside the checkpoint. Interrupt with Ctrl-C and re-run the same command to resume.
+    """
+    with user_errors():
+        from retrieval.config import load_config
+        from training.config import TrainConfig
+        from training.recipe_paths import find_recipe
+        from training.trainer import train as run_training
+
+        overrides = [*set_, *([f"out_dir={out}"] if out is not None else [])]
+        cfg = load_config(TrainConfig, find_recipe(config), overrides)
+        result = run_training(cfg, resume=resume, progress=not as_json)
+    summary = result.to_dict()
+    if as_json:
+        print_json(summary)
+        return
+    console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s; encoder: {summary['encoder_path']}")

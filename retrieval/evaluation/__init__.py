@@ -1,0 +1,35 @@
+"""Retrieval evaluation: pure ranking metrics, an immutable report, and the query/gallery protocols.
+
+Everything here is numpy-only and imports no stage, so training, indexing and the CLI can all
+score embeddings the same way.
+"""
+
+from retrieval.evaluation.metrics import (
+    RankWorkspace,
+    average_precision,
+    check_ks,
+    first_relevant_rank,
+    hits_at_k,
+    mean_average_precision,
+    rank_by_similarity,
+    ranked_relevance,
+    recall_at_k,
+    relevance_of_ranking,
+)
+from retrieval.evaluation.protocols import evaluate_embeddings
+from retrieval.evaluation.report import EvaluationReport
+
+__all__ = [
+    "EvaluationReport",
+    "RankWorkspace",
+    "average_precision",
+    "check_ks",
+    "evaluate_embeddings",
+    "first_relevant_rank",
+    "hits_at_k",
+    "mean_average_precision",
+    "rank_by_similarity",
+    "ranked_relevance",
+    "recall_at_k",
+    "relevance_of_ranking",
+]

@@ -1,0 +1,265 @@
+"""Evaluation protocols: turn embeddings + hierarchical labels into an :class:`EvaluationReport`.
+
+One protocol covers both the metric-learning convention (no gallery: every item queries all the
+others, as on CUB/Cars/SOP) and the query/gallery convention (In-Shop, DyML, asymmetric testing
+with a student query encoder and a teacher gallery). Queries are processed in chunks so memory
+stays at ``batch_size x gallery`` whatever the number of queries: mAP needs each query's full
+ranking, so a chunk's similarities are fully sorted before the next chunk is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from retrieval.data.labels import DEFAULT_LEVELS, LabelSchema
+from retrieval.evaluation.metrics import (
+    RankWorkspace,
+    average_precision,
+    check_ks,
+    first_relevant_rank,
+    rank_by_similarity,
+)
+from retrieval.evaluation.report import EvaluationReport
+
+__all__ = ["evaluate_embeddings"]
+
+logger = logging.getLogger(__name__)
+
+_NORM_TOLERANCE = 1e-3
+
+
+def evaluate_embeddings(
+    query_emb: Any,
+    query_labels: Any,
+    gallery_emb: Any | None = None,
+    gallery_labels: Any | None = None,
+    schema: LabelSchema | Sequence[str] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 1024,
+    levels: Sequence[str] | None = None,
+) -> EvaluationReport:
+    """Recall@K (hit rate) and all-positives mAP per label level, and their mean over levels.
+
+    Relevance at level k means "same class id in label column k" (column 0 = finest level). The
+    similarity is the inner product of the given embeddings, which are expected L2-normalised
+    (a warning is logged otherwise); it is computed in float32. Rankings break exact ties by the
+    lower gallery index and metrics are kept per query until the end, so chunking does not change
+    the result (beyond float32 matmul rounding, which BLAS may vary with the chunk size).
+
+    Leave-one-out (no gallery given): each query ranks all the *other* query items; it never
+    retrieves itself. With a gallery, each query ranks the whole gallery (if the same images are in
+    both, they are not removed; pass no gallery for that case).
+
+    Queries with no relevant item at a level (a singleton class in leave-one-out, or a class absent
+    from the gallery) have undefined R@K and AP there: they are left out of that level's means, and
+    ``report.counted[level]`` says how many queries did count. ``report.num_queries`` is the total.
+
+    Args:
+        query_emb: ``(Q, D)`` query embeddings (numpy array or CPU torch tensor).
+        query_labels: ``(Q, L)`` integer labels, column 0 the finest level (``(Q,)`` means L = 1).
+        gallery_emb: ``(G, D)`` gallery embeddings, or ``None`` for leave-one-out.
+        gallery_labels: ``(G, L)`` gallery labels; required exactly when ``gallery_emb`` is given.
+        schema: level names for the label columns (a ``LabelSchema`` or a list of names). ``None``
+            uses ``("fine", "middle", "coarse")`` for 3 columns, ``("fine",)`` for 1, otherwise
+            ``level0, level1, ...``.
+        ks: cut-offs for Recall@K; reported as ``"R@K"`` in the given order, before ``"mAP"``.
+        batch_size: queries per chunk; working memory is about ``batch_size x G x 21`` bytes plus
+            the positives of the chunk, so lower it for very large galleries.
+        levels: evaluate only these levels (names from the schema); default all.
+
+    Returns:
+        An :class:`EvaluationReport` with values in [0, 1].
+
+    Raises:
+        ValueError: on mismatched shapes, non-integer labels, non-finite embeddings, bad ``ks`` or
+            ``batch_size``, or a leave-one-out set with fewer than two items.
+    """
+    queries = _as_embeddings(query_emb, "query_emb")
+    if len(queries) == 0:
+        raise ValueError("query_emb is empty; there is nothing to evaluate")
+    q_labels = _as_labels(query_labels, "query_labels", len(queries))
+    leave_one_out = gallery_emb is None
+    if leave_one_out:
+        if gallery_labels is not None:
+            raise ValueError("gallery_labels was given without gallery_emb; pass both or neither")
+        if len(queries) < 2:
+            raise ValueError("leave-one-out evaluation needs at least 2 items (each query searches the others)")
+        gallery, g_labels = queries, q_labels
+    else:
+        if gallery_labels is None:
+            raise ValueError("gallery_emb was given without gallery_labels; pass both or neither")
+        gallery = _as_embeddings(gallery_emb, "gallery_emb")
+        g_labels = _as_labels(gallery_labels, "gallery_labels", len(gallery))
+        if gallery.shape[1] != queries.shape[1]:
+            raise ValueError(
+                f"query_emb has dimension {queries.shape[1]} but gallery_emb has {gallery.shape[1]}; "
+                "queries and gallery must live in the same embedding space"
+            )
+        if g_labels.shape[1] != q_labels.shape[1]:
+            raise ValueError(f"query_labels has {q_labels.shape[1]} levels but gallery_labels has {g_labels.shape[1]}")
+        if len(gallery) == 0:
+            raise ValueError("gallery_emb is empty; there is nothing to retrieve")
+
+    schema = _resolve_schema(schema, q_labels.shape[1])
+    columns = schema.select(levels)
+    if not columns:
+        raise ValueError("levels is empty; name at least one level to evaluate (or pass None for all)")
+    ks = _check_unique_ks(ks)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _warn_if_not_normalised(queries, "query_emb")
+    if not leave_one_out:
+        _warn_if_not_normalised(gallery, "gallery_emb")
+
+    num_queries = len(queries)
+    first, ap = _first_hits_and_ap(queries, q_labels, gallery, g_labels, columns, leave_one_out, int(batch_size))
+
+    per_level: dict[str, dict[str, float]] = {}
+    counted: dict[str, int] = {}
+    for row, column in enumerate(columns):
+        name = schema.levels[column]
+        valid = first[row] >= 0
+        counted[name] = int(valid.sum())
+        metrics: dict[str, float] = {}
+        for k in ks:
+            metrics[f"R@{k}"] = float((first[row, valid] < k).mean()) if valid.any() else float("nan")
+        metrics["mAP"] = float(ap[row, valid].mean()) if valid.any() else float("nan")
+        per_level[name] = metrics
+        if counted[name] < num_queries:
+            logger.info(
+                "level %s: %d of %d queries have no relevant item and are left out of its means",
+                name,
+                num_queries - counted[name],
+                num_queries,
+            )
+    return EvaluationReport.from_levels(per_level, num_queries=num_queries, counted=counted)
+
+
+def _first_hits_and_ap(
+    queries: np.ndarray,
+    q_labels: np.ndarray,
+    gallery: np.ndarray,
+    g_labels: np.ndarray,
+    columns: list[int],
+    leave_one_out: bool,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per level and query: 0-based rank of the first relevant item (-1 if none) and AP (NaN if none).
+
+    Keeping per-query values (not running sums) makes the final means independent of the chunking.
+    All ``(chunk, G)`` buffers are allocated once and reused, which dominates the run time otherwise.
+    """
+    num_queries, width = len(queries), len(gallery)
+    rows = min(batch_size, num_queries)
+    q_codes, g_codes = _label_codes(q_labels, g_labels, columns, leave_one_out)
+    scores = np.empty((rows, width), dtype=np.float32)
+    ranked_labels = np.empty((rows, width - int(leave_one_out)), dtype=np.int32)
+    relevance = np.empty(ranked_labels.shape, dtype=bool)
+    workspace = RankWorkspace()
+    first = np.full((len(columns), num_queries), -1, dtype=np.int64)
+    ap = np.full((len(columns), num_queries), np.nan, dtype=np.float64)
+    for start in range(0, num_queries, batch_size):
+        stop = min(start + batch_size, num_queries)
+        chunk = stop - start
+        np.matmul(queries[start:stop], gallery.T, out=scores[:chunk])
+        exclude = np.arange(start, stop) if leave_one_out else None
+        ranking = rank_by_similarity(scores[:chunk], exclude, workspace=workspace)
+        for row in range(len(columns)):
+            np.take(g_codes[row], ranking, out=ranked_labels[:chunk], mode="clip")
+            np.equal(ranked_labels[:chunk], q_codes[row, start:stop, None], out=relevance[:chunk])
+            first[row, start:stop] = first_relevant_rank(relevance[:chunk])
+            ap[row, start:stop] = average_precision(relevance[:chunk])
+    return first, ap
+
+
+def _label_codes(
+    q_labels: np.ndarray, g_labels: np.ndarray, columns: list[int], leave_one_out: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel each level with small int32 codes shared by queries and gallery (halves the gather traffic)."""
+    q_codes = np.empty((len(columns), len(q_labels)), dtype=np.int32)
+    g_codes = np.empty((len(columns), len(g_labels)), dtype=np.int32)
+    for row, column in enumerate(columns):
+        if leave_one_out:
+            q_codes[row] = g_codes[row] = np.unique(q_labels[:, column], return_inverse=True)[1]
+        else:
+            _, codes = np.unique(np.concatenate([q_labels[:, column], g_labels[:, column]]), return_inverse=True)
+            q_codes[row], g_codes[row] = codes[: len(q_labels)], codes[len(q_labels) :]
+    return q_codes, g_codes
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    # Torch tensors (possibly on GPU, possibly requiring grad) without importing torch here.
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if value.is_floating_point():  # float16/bfloat16 from AMP have no (or no exact) numpy twin
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _as_embeddings(value: Any, name: str) -> np.ndarray:
+    array = _to_numpy(value)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, D), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real numbers, got dtype {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return array
+
+
+def _as_labels(value: Any, name: str, expected_rows: int) -> np.ndarray:
+    array = _to_numpy(value)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (N, L) with L >= 1 levels, got {array.shape}")
+    if array.shape[0] != expected_rows:
+        raise ValueError(f"{name} has {array.shape[0]} rows but there are {expected_rows} embeddings")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class ids, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _resolve_schema(schema: LabelSchema | Sequence[str] | None, num_columns: int) -> LabelSchema:
+    if schema is None:
+        if num_columns == len(DEFAULT_LEVELS):
+            return LabelSchema(DEFAULT_LEVELS)
+        if num_columns == 1:
+            return LabelSchema(("fine",))
+        return LabelSchema(tuple(f"level{k}" for k in range(num_columns)))
+    if not isinstance(schema, LabelSchema):
+        if isinstance(schema, str):
+            schema = [schema]
+        schema = LabelSchema(tuple(schema))
+    if schema.num_levels != num_columns:
+        raise ValueError(
+            f"schema has {schema.num_levels} levels ({', '.join(schema.levels)}) "
+            f"but the labels have {num_columns} columns"
+        )
+    return schema
+
+
+def _check_unique_ks(ks: Sequence[int]) -> list[int]:
+    ks = check_ks(ks)
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"ks must not repeat a value, got {ks}")
+    return ks
+
+
+def _warn_if_not_normalised(embeddings: np.ndarray, name: str) -> None:
+    if embeddings.size == 0:
+        return
+    norms = np.linalg.norm(embeddings, axis=1)
+    worst = float(np.abs(norms - 1.0).max())
+    if worst > _NORM_TOLERANCE:
+        logger.warning(
+            "%s is not L2-normalised (a norm is off by %.3g); ranking by raw inner product, not cosine",
+            name,
+            worst,
+        )

@@ -1,0 +1,139 @@
+"""The HTTP API: upload an image, get its nearest gallery items as JSON.
+
+``create_app(settings)`` builds the FastAPI application without loading anything; the index
+and the query encoder are opened in the app's ``lifespan`` (at server start-up) and closed at
+shutdown, so importing this module or building the app is cheap and side-effect free.
+Decoding and inference run in the thread pool, keeping the event loop free to accept other
+requests while a query is embedded. Bad input (not an image, empty, too large, bad ``k``)
+gets a 4xx JSON ``{"detail": ...}``, never a 500 with a traceback.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime, and
+# they refer to ``settings`` in the enclosing function, which a string annotation cannot resolve.
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from indexing import IndexFormatError, Manifest
+from indexing.index_dir import MANIFEST_FILE
+from retrieval.data.images import CorruptImageError, decode_image_bytes
+from serving.engine import SearchEngine, resolve_query_encoder_path
+from serving.limits import BodySizeLimitMiddleware, too_large_message
+from serving.settings import ServeSettings
+
+__all__ = ["create_app", "preflight", "serve"]
+
+logger = logging.getLogger(__name__)
+
+#: Allowance for multipart framing and the small form fields on top of the image itself.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """Build the FastAPI application for ``settings`` (the engine is opened when the server starts).
+
+    Endpoints:
+        ``POST /v1/search``: multipart form with a file field ``image`` and an optional ``k``
+        (form field or query parameter, 1..``max_k``, default ``default_k``); returns
+        ``{"k", "took_ms", "hits": [{"id", "score", "path", "labels"}]}``.
+        ``GET /v1/healthz``: ``{"status": "ok", "count", "encoder_id", "query_encoder_id", "dim"}``.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = SearchEngine.open(settings.index, settings.query_encoder, runtime=settings.runtime)
+        logger.info("serving %r", engine)
+        app.state.engine = engine
+        try:
+            yield
+        finally:
+            engine.close()
+
+    app = FastAPI(title="retrieval-engine", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    max_bytes = settings.max_upload_bytes
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_bytes + _MULTIPART_OVERHEAD, upload_limit=max_bytes)
+
+    @app.post("/v1/search")
+    async def search(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, ...)")],
+        k_form: Annotated[int | None, Form(alias="k", ge=1, le=settings.max_k)] = None,
+        k_query: Annotated[int | None, Query(alias="k", ge=1, le=settings.max_k)] = None,
+    ) -> dict[str, Any]:
+        start = time.perf_counter()
+        engine: SearchEngine = request.app.state.engine
+        k = k_form or k_query or settings.default_k
+        name = image.filename or "<upload>"
+        data = await image.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(status_code=413, detail=f"{name}: {too_large_message(max_bytes)}")
+        try:
+            query = await run_in_threadpool(decode_image_bytes, data, name)
+        except CorruptImageError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        results = await run_in_threadpool(engine.search, [query], k)
+        return {
+            "k": k,
+            "took_ms": round((time.perf_counter() - start) * 1000.0, 3),
+            "hits": [hit.to_dict() for hit in results[0]],
+        }
+
+    @app.get("/v1/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        engine: SearchEngine = request.app.state.engine
+        return {
+            "status": "ok",
+            "count": engine.count,
+            "encoder_id": engine.encoder_id,
+            "query_encoder_id": engine.query_encoder.encoder_id,
+            "dim": engine.dim,
+        }
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default handler echoes each bad input back; for an upload that is the whole file.
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this handler, so the server logs the traceback once; the client gets JSON.
+        return JSONResponse(status_code=500, content={"detail": "internal server error; see the server log"})
+
+    return app
+
+
+def preflight(settings: ServeSettings) -> Path:
+    """Check the configured paths cheaply (manifest only, no index load) before a server starts.
+
+    A wrong path then fails with one clear message instead of a start-up traceback from the lifespan.
+
+    Returns:
+        The query encoder path the server will use.
+
+    Raises:
+        indexing.IndexFormatError: no readable index manifest at ``settings.index``.
+        serving.runtimes.QueryEncoderError: the query encoder cannot be found.
+    """
+    manifest_file = Path(settings.index) / MANIFEST_FILE
+    if not Path(settings.index).is_dir():
+        raise IndexFormatError(f"index directory not found: {settings.index}")
+    manifest = Manifest.read(manifest_file)
+    return resolve_query_encoder_path(settings.index, manifest, settings.query_encoder)
+
+
+def serve(settings: ServeSettings) -> None:
+    """Check the paths, then run the API with uvicorn on ``settings.host:settings.port`` until interrupted."""
+    import uvicorn
+
+    preflight(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)

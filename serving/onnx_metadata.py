@@ -1,0 +1,163 @@
+"""What an exported ``.onnx`` query encoder says about itself, in its ``metadata_props``.
+
+An ONNX file travels alone (to a phone, to another server), so it must carry everything a
+runtime needs besides the graph: which encoder it is (so an index can refuse a wrong one),
+which teacher it was distilled into, and the exact preprocessing. ONNX metadata values are
+strings; structured values (mean, std, levels) are JSON, numbers are decimal text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from retrieval.data.transforms import PreprocessConfig
+from retrieval.errors import UserFacingError
+
+if TYPE_CHECKING:
+    from models.encoder import Encoder
+
+__all__ = [
+    "ONNX_FORMAT",
+    "REQUIRED_KEYS",
+    "OnnxEncoderInfo",
+    "OnnxMetadataError",
+    "encoder_metadata",
+    "parse_onnx_metadata",
+    "read_onnx_metadata",
+]
+
+#: Value of the ``format`` property; bump the suffix when the graph's inputs/outputs or the keys change.
+ONNX_FORMAT = "retrieval-query-encoder-onnx/1"
+#: Keys every exported file carries (``encoder_config``, the full config as JSON, is extra provenance).
+REQUIRED_KEYS = (
+    "format",
+    "encoder_id",
+    "teacher_id",
+    "embedding_dim",
+    "input_size",
+    "mean",
+    "std",
+    "resize",
+    "levels",
+)
+
+
+class OnnxMetadataError(UserFacingError, ValueError):
+    """An ONNX file without (or with malformed) query-encoder metadata; the message names the file."""
+
+
+@dataclass(frozen=True)
+class OnnxEncoderInfo:
+    """The parsed metadata of an exported query encoder.
+
+    Attributes:
+        encoder_id: id of the checkpoint the graph was exported from.
+        teacher_id: id of the teacher a distilled student was trained against, else ``None``.
+        embedding_dim: length of the output vectors.
+        preprocess: input size, normalisation and resize policy, as in the checkpoint.
+        levels: label levels the encoder was trained on, finest first.
+    """
+
+    encoder_id: str
+    teacher_id: str | None
+    embedding_dim: int
+    preprocess: PreprocessConfig
+    levels: tuple[str, ...]
+
+
+def encoder_metadata(encoder: Encoder) -> dict[str, str]:
+    """The ``metadata_props`` written into an export of ``encoder`` (which must have an ``encoder_id``)."""
+    config = encoder.config
+    pre = config.preprocess
+    if not encoder.encoder_id:
+        raise OnnxMetadataError(
+            "the encoder has no encoder_id; save it with models.save_encoder (or load it from a checkpoint) "
+            "before exporting, so that indexes can recognise the exported model"
+        )
+    return {
+        "format": ONNX_FORMAT,
+        "encoder_id": str(encoder.encoder_id),
+        "teacher_id": config.teacher_id or "",
+        "embedding_dim": str(int(config.embedding_dim)),
+        "input_size": str(int(pre.input_size)),
+        "mean": json.dumps([float(v) for v in pre.mean]),
+        "std": json.dumps([float(v) for v in pre.std]),
+        "resize": pre.resize,
+        "levels": json.dumps(list(config.levels)),
+        "encoder_config": config.model_dump_json(),
+    }
+
+
+def parse_onnx_metadata(props: Mapping[str, str], source: str) -> OnnxEncoderInfo:
+    """Validate and parse ``metadata_props`` (as returned by ONNX Runtime's ``custom_metadata_map``).
+
+    Args:
+        props: the key/value string properties of the model.
+        source: the file name, for error messages.
+
+    Raises:
+        OnnxMetadataError: a missing key, an unknown format, or a value that does not parse.
+    """
+    missing = [key for key in REQUIRED_KEYS if key not in props]
+    if missing:
+        raise OnnxMetadataError(
+            f"{source} lacks query-encoder metadata ({', '.join(missing)}); it was not written by "
+            "serving.export.export_onnx — export the checkpoint again with `retrieval export`"
+        )
+    if props["format"] != ONNX_FORMAT:
+        raise OnnxMetadataError(f"{source} has format {props['format']!r}; this release reads {ONNX_FORMAT!r}")
+    try:
+        preprocess = PreprocessConfig(
+            input_size=int(props["input_size"]),
+            mean=tuple(_json(props, "mean")),
+            std=tuple(_json(props, "std")),
+            resize=props["resize"],
+        )
+        dim = int(props["embedding_dim"])
+        levels = tuple(str(level) for level in _json(props, "levels"))
+    except (ValueError, TypeError, ValidationError) as exc:
+        raise OnnxMetadataError(f"{source}: malformed query-encoder metadata: {exc}") from exc
+    if dim <= 0:
+        raise OnnxMetadataError(f"{source}: embedding_dim must be positive, got {dim}")
+    return OnnxEncoderInfo(
+        encoder_id=props["encoder_id"],
+        teacher_id=props["teacher_id"] or None,
+        embedding_dim=dim,
+        preprocess=preprocess,
+        levels=levels,
+    )
+
+
+def read_onnx_metadata(path: str | Path) -> OnnxEncoderInfo:
+    """Read the query-encoder metadata of an ``.onnx`` file without building a session.
+
+    Raises:
+        FileNotFoundError: no such file.
+        OnnxMetadataError: not a readable ONNX model, or no valid metadata.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends from protobuf
+        raise OnnxMetadataError(f"cannot read ONNX model {path}: {exc}") from exc
+    return parse_onnx_metadata({prop.key: prop.value for prop in model.metadata_props}, str(path))
+
+
+def _json(props: Mapping[str, str], key: str) -> Any:
+    try:
+        value = json.loads(props[key])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{key!r} is not valid JSON ({exc})") from exc
+    if not isinstance(value, list):
+        raise ValueError(f"{key!r} must be a JSON list, got {props[key]!r}")
+    return value

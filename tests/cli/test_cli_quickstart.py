@@ -1,0 +1,75 @@
+"""End to end: a shortened quickstart through the real CLI, then the artifacts it leaves behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.cli.main import app
+
+# A few training steps on small images: enough to exercise every stage, fast enough for the default suite.
+SHORT = [
+    "--set", "schedule.max_steps=30",
+    "--set", "eval_every=30",
+    "--set", "checkpoint_every=30",
+    "--set", "data.synthetic.image_size=32",
+    "--set", "model.preprocess.input_size=32",
+    "--set", "data.synthetic.train_per_class=6",
+    "--set", "data.synthetic.val_per_class=2",
+    "--set", "data.synthetic.test_per_class=4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("quickstart")
+    result = CliRunner().invoke(app, ["quickstart", "--work-dir", str(work), "--json", *SHORT])
+    assert result.exit_code == 0, result.output
+    return work, json.loads(result.stdout)
+
+
+def test_quickstart_reports_every_level_and_beats_chance(quickstart_run):
+    _, report = quickstart_run
+    levels = report["metrics"]["per_level"]
+    assert list(levels) == ["fine", "middle", "coarse"]
+    for values in levels.values():
+        assert 0.0 <= values["R@1"] <= 1.0 and 0.0 <= values["mAP"] <= 1.0
+    # Even 30 steps at 32 px must rank coarse neighbours far above random vectors.
+    assert report["metrics"]["mean"]["mAP"] > report["chance"]["mean"]["mAP"] + 0.05
+    assert report["training"]["steps"] == 30
+    assert report["training"]["onnx_min_cosine"] >= 0.9999
+
+
+def test_quickstart_leaves_usable_artifacts(quickstart_run):
+    work, report = quickstart_run
+    paths = report["paths"]
+    for key in ("encoder", "index", "query_encoder", "contact_sheet", "test_csv"):
+        assert (work / paths[key]).exists(), key
+    assert len(report["samples"]) == 4 and all(len(s["hits"]) == 5 for s in report["samples"])
+    for sample in report["samples"]:
+        assert sample["query"] not in [hit["path"] for hit in sample["hits"]]  # the query itself is left out
+
+    runner = CliRunner()
+    info = runner.invoke(app, ["index", "info", paths["index"], "--json"])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.stdout)["count"] > 0
+
+    query = report["samples"][0]["query"]
+    searched = runner.invoke(
+        app, ["search", "--index", paths["index"], "--query-encoder", paths["query_encoder"], query, "--k", "3", "--json"]
+    )
+    assert searched.exit_code == 0, searched.output
+    hits = json.loads(searched.stdout)["results"][0]["hits"]
+    assert len(hits) == 3 and hits[0]["path"] == query  # a gallery image finds itself first
+
+
+def test_search_reports_a_corrupt_query_without_a_traceback(quickstart_run, tmp_path):
+    _, report = quickstart_run
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff this is not really a jpeg")
+    result = CliRunner().invoke(app, ["search", "--index", report["paths"]["index"], str(bad)])
+    assert result.exit_code == 2
+    assert "cannot read image" in result.output and str(bad) in result.output
+    assert "Traceback" not in result.output

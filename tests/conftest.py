@@ -1,0 +1,48 @@
+"""Shared test fixtures: tiny encoders and seeded images, CPU only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep the suite from oversubscribing small CI machines.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+CLOTHING_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing-small"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_config():
+    """A small, fast encoder architecture for tests (random weights, 32 px inputs)."""
+    from models.encoder import EncoderConfig
+    from retrieval.data.transforms import PreprocessConfig
+
+    return EncoderConfig(
+        backbone="resnet10t",
+        embedding_dim=32,
+        preprocess=PreprocessConfig(input_size=32),
+        provenance={"purpose": "tests"},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_encoder_config) -> Path:
+    """A saved checkpoint of a seeded random tiny encoder."""
+    import torch
+
+    from models import Encoder, save_encoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "encoder"
+    save_encoder(Encoder(tiny_encoder_config).eval(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clothing_small() -> Path:
+    """The real-photo dataset beside dev/CI checkouts; tests using it skip where it is absent."""
+    if not (CLOTHING_SMALL / "labels.csv").is_file():
+        pytest.skip("../shared/data/clothing-small is not present on this machine")
+    return CLOTHING_SMALL

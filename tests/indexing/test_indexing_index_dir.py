@@ -1,0 +1,220 @@
+"""Index directories: round trip, clear errors on bad directories, and crash safety under SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexing.errors import IndexFormatError
+from indexing.faiss_index import FaissIndex
+from indexing.index_dir import open_index_dir, write_index_dir
+from indexing.manifest import Manifest
+from indexing.metadata import MetadataRow
+from retrieval.data.images import CorruptImageError, SkipReport
+
+ROOT = Path(__file__).resolve().parents[2]
+DIM = 16
+
+
+def _unit(seed: int, n: int, d: int = DIM) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _write(path: Path, seed: int, n: int, skipped: SkipReport | None = None) -> np.ndarray:
+    vectors = _unit(seed, n)
+    index = FaissIndex(DIM)
+    index.add(vectors, np.arange(n) * 10)
+    rows = (MetadataRow(id=i * 10, path=f"g/{i}.png", labels={"fine": f"f{i % 3}", "coarse": "c"}) for i in range(n))
+    manifest = Manifest(dim=DIM, count=n, encoder_id=f"enc{seed}", levels=["fine", "coarse"])
+    write_index_dir(path, index, rows, manifest, skipped=skipped)
+    return vectors
+
+
+def test_round_trip_search_matches_the_in_memory_index(tmp_path):
+    report = SkipReport()
+    report.add(CorruptImageError("g/bad.png", "not a recognised image format"))
+    vectors = _write(tmp_path / "idx", seed=0, n=40, skipped=report)
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        "index.faiss",
+        "manifest.json",
+        "metadata.sqlite",
+        "skipped.tsv",
+    ]
+    queries = _unit(1, 6)
+    expected = queries @ vectors.T
+    with open_index_dir(tmp_path / "idx") as directory:
+        assert directory.manifest.encoder_id == "enc0" and len(directory) == 40
+        results = directory.search(queries, 5)
+        again = directory.search(queries, 5)
+        info = directory.info()
+    assert results == again
+    assert len(results) == 6
+    for q, res in enumerate(results):
+        top = np.argsort(-expected[q])[:5]
+        assert res.ids == (top * 10).tolist()
+        np.testing.assert_allclose(res.scores, expected[q, top], atol=1e-5)
+        hit = res[0]
+        assert hit.path == f"g/{top[0]}.png"
+        assert hit.labels == {"fine": f"f{top[0] % 3}", "coarse": "c"}
+    assert info["count"] == 40 and info["dim"] == DIM and info["factory"] == "Flat"
+    assert set(info["files"]) == {"manifest.json", "index.faiss", "metadata.sqlite", "skipped.tsv"}
+    json.dumps(info)  # serialisable for `retrieval index info --json`
+
+
+def test_search_checks_query_shape(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    with open_index_dir(tmp_path / "idx") as directory:
+        with pytest.raises(ValueError, match=r"shape \(Q, 16\)"):
+            directory.search(np.zeros((2, 8), np.float32), 3)
+        assert len(directory.search(_unit(2, 1), 50)[0]) == 5  # k beyond the count gives every item
+
+
+def test_missing_directory_and_missing_manifest(tmp_path):
+    with pytest.raises(IndexFormatError, match="index directory not found"):
+        open_index_dir(tmp_path / "nowhere")
+    _write(tmp_path / "idx", seed=0, n=5)
+    (tmp_path / "idx" / "manifest.json").unlink()
+    with pytest.raises(IndexFormatError, match=r"manifest\.json is missing"):
+        open_index_dir(tmp_path / "idx")
+
+
+def test_missing_directory_points_at_a_version_left_aside_by_a_crash(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    (tmp_path / "idx").rename(tmp_path / ".idx.old-abc")  # as if killed between the two renames of a swap
+    with pytest.raises(IndexFormatError, match=r"previous version was left at .*\.idx\.old-abc"):
+        open_index_dir(tmp_path / "idx")
+
+
+def test_missing_metadata_file(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    (tmp_path / "idx" / "metadata.sqlite").unlink()
+    with pytest.raises(IndexFormatError, match=r"metadata\.sqlite is missing"):
+        open_index_dir(tmp_path / "idx")
+
+
+def _edit_manifest(path: Path, **changes) -> None:
+    data = json.loads((path / "manifest.json").read_text())
+    data.update(changes)
+    (path / "manifest.json").write_text(json.dumps(data))
+
+
+def test_unsupported_format_version(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    _edit_manifest(tmp_path / "idx", format_version=99, new_field_of_the_future=1)
+    with pytest.raises(IndexFormatError, match=r"format version 99 is not supported \(this release reads 1\)"):
+        open_index_dir(tmp_path / "idx")
+
+
+def test_dim_mismatch_between_manifest_and_index(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    _edit_manifest(tmp_path / "idx", dim=32)
+    with pytest.raises(IndexFormatError, match=r"manifest\.json says dim 32 but index\.faiss holds 16-dimensional"):
+        open_index_dir(tmp_path / "idx")
+
+
+def test_count_mismatch_and_invalid_manifest_field(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    _edit_manifest(tmp_path / "idx", count=6)
+    with pytest.raises(IndexFormatError, match=r"says 6 items but index\.faiss holds 5"):
+        open_index_dir(tmp_path / "idx")
+    _edit_manifest(tmp_path / "idx", count=5, metric="l2")
+    with pytest.raises(IndexFormatError, match="not a valid index manifest: metric"):
+        open_index_dir(tmp_path / "idx")
+
+
+def test_write_refuses_inconsistent_parts_and_keeps_the_old_index(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    index = FaissIndex(DIM)
+    index.add(_unit(3, 4), np.arange(4))
+    bad_rows = [MetadataRow(id=i) for i in (0, 1, 2, 99)]  # id 99 is not in the index
+    manifest = Manifest(dim=DIM, count=4, encoder_id="new")
+    with pytest.raises(IndexFormatError, match="do not cover exactly"):
+        write_index_dir(tmp_path / "idx", index, bad_rows, manifest)
+    with pytest.raises(IndexFormatError, match="manifest dim 8"):
+        write_index_dir(tmp_path / "idx", index, [], manifest.model_copy(update={"dim": 8}))
+    with open_index_dir(tmp_path / "idx") as directory:
+        assert directory.manifest.encoder_id == "enc0" and len(directory) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary directory left behind
+
+
+def test_write_refuses_to_replace_a_directory_that_is_not_an_index(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(IndexFormatError, match="does not look like an index"):
+        _write(photos, seed=0, n=3)
+    assert (photos / "holiday.jpg").read_bytes() == b"precious"
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    from indexing.faiss_index import FaissIndex
+    from indexing.index_dir import write_index_dir
+    from indexing.manifest import Manifest
+    from indexing.metadata import MetadataRow
+
+    target, marker = Path(sys.argv[1]), Path(sys.argv[2])
+    x = np.random.default_rng(7).standard_normal((9, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = FaissIndex(16)
+    index.add(x, np.arange(9))
+
+    def rows():
+        for i in range(9):
+            yield MetadataRow(id=i, path=f"new/{i}.png")
+            if i == 4:  # half-way through the metadata: index.faiss is already in the temporary directory
+                marker.write_text("writing")
+                time.sleep(120)
+
+    write_index_dir(target, index, rows(), Manifest(dim=16, count=9, encoder_id="new"))
+    """
+)
+
+
+def test_killed_writer_leaves_the_previous_index_loadable(tmp_path):
+    target = tmp_path / "idx"
+    vectors = _write(target, seed=0, n=12)
+    queries = _unit(5, 3)
+    with open_index_dir(target) as directory:
+        before = directory.search(queries, 4)
+
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(target), str(marker)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert child.poll() is None, f"writer exited early with code {child.returncode}"
+            assert time.monotonic() < deadline, "writer never reached the middle of its write"
+            time.sleep(0.05)
+        temp_dirs = [p for p in tmp_path.iterdir() if p.name.startswith(".idx.tmp-")]
+        assert len(temp_dirs) == 1 and (temp_dirs[0] / "index.faiss").is_file()  # really mid-write
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+    with open_index_dir(target) as directory:
+        assert directory.manifest.encoder_id == "enc0" and len(directory) == 12
+        after = directory.search(queries, 4)
+    assert after == before
+    assert after[0].ids[0] == int(np.argmax(queries[0] @ vectors.T)) * 10
+
+    # A later write succeeds despite the stale temporary directory the killed writer left behind.
+    _write(target, seed=1, n=3)
+    with open_index_dir(target) as directory:
+        assert directory.manifest.encoder_id == "enc1" and len(directory) == 3

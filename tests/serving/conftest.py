@@ -1,0 +1,67 @@
+"""Fixtures for the serving tests: a tiny gallery on disk, its index and an ONNX export, built once."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
+MIDDLE = {"red": "warm", "green": "cool", "blue": "cool"}
+GALLERY_SIZE = 9
+
+
+@pytest.fixture(scope="session")
+def serving_gallery(tmp_path_factory) -> Path:
+    """Nine seeded PNGs (noisy colour patches with an inverted square) and their ``labels.csv``."""
+    root = tmp_path_factory.mktemp("serving_gallery")
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(GALLERY_SIZE):
+        fine = list(COLOURS)[i % 3]
+        pixels = np.clip(np.array(COLOURS[fine]) + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
+        y, x = rng.integers(0, 24, 2)
+        pixels[y : y + 16, x : x + 16] = 255 - pixels[y : y + 16, x : x + 16]
+        name = f"img_{i}.png"
+        Image.fromarray(pixels).save(root / name)
+        rows.append({"path": name, "fine": fine, "middle": MIDDLE[fine], "coarse": "colour"})
+    with open(root / "labels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "fine", "middle", "coarse"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def serving_index(tiny_checkpoint, serving_gallery, tmp_path_factory) -> Path:
+    """An exact index of the gallery built by the shared tiny checkpoint."""
+    from indexing.builder import build_index
+    from retrieval.data.datasets import CsvImageDataset
+
+    out = tmp_path_factory.mktemp("serving_index") / "index"
+    build_index(tiny_checkpoint, CsvImageDataset(serving_gallery), out, batch_size=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def serving_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to ONNX (the export itself checks parity at two sizes)."""
+    from serving.export import export_onnx
+
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("serving_onnx") / "encoder.onnx")
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory, tiny_encoder_config) -> Path:
+    """Same architecture as the tiny checkpoint, different random weights (so a different encoder id)."""
+    import torch
+
+    from models import Encoder, save_encoder
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other_ckpt") / "encoder"
+    save_encoder(Encoder(tiny_encoder_config).eval(), path)
+    return path

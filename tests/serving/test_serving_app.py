@@ -1,0 +1,202 @@
+"""The HTTP API against a real uvicorn server on 127.0.0.1, exercised with httpx."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from pydantic import ValidationError
+
+from indexing import IndexFormatError
+from retrieval.data.datasets import CsvImageDataset
+from serving.app import create_app, preflight
+from serving.runtimes import QueryEncoderError
+from serving.settings import ServeSettings
+
+MAX_K = 20
+UPLOAD_MB = 0.05  # ~51 KiB: large enough for the gallery PNGs, small enough to test 413 cheaply
+
+
+@pytest.fixture(scope="module")
+def server(serving_index) -> Iterator[str]:
+    """Start the app on a pre-bound free port in a thread; yield its base URL; stop it afterwards."""
+    settings = ServeSettings(index=serving_index, default_k=3, max_k=MAX_K, max_upload_mb=UPLOAD_MB)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the server did not start (see the log above)")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def gallery(serving_gallery) -> CsvImageDataset:
+    return CsvImageDataset(serving_gallery)
+
+
+def _png(gallery: CsvImageDataset, i: int) -> bytes:
+    return Path(gallery.paths[i]).read_bytes()
+
+
+def test_healthz(client, gallery):
+    response = client.get("/v1/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["count"] == len(gallery) and body["dim"] == 32
+    assert body["encoder_id"] == body["query_encoder_id"] and len(body["encoder_id"]) == 16
+
+
+def test_search_returns_ranked_hits_with_itself_first(client, gallery):
+    for i in (0, 4):
+        response = client.post("/v1/search", files={"image": (f"q{i}.png", _png(gallery, i), "image/png")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["k"] == 3 and body["took_ms"] > 0
+        hits = body["hits"]
+        assert len(hits) == 3
+        assert set(hits[0]) == {"id", "score", "path", "labels"}
+        assert hits[0]["id"] == i and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert hits[0]["labels"] == gallery.label_names(i) and hits[0]["path"] == gallery.names[i]
+        scores = [hit["score"] for hit in hits]
+        assert scores == sorted(scores, reverse=True)
+        assert len({hit["id"] for hit in hits}) == 3
+
+
+def test_k_from_form_or_query(client, gallery):
+    files = {"image": ("q.png", _png(gallery, 1), "image/png")}
+    assert len(client.post("/v1/search", files=files, data={"k": "5"}).json()["hits"]) == 5
+    assert len(client.post("/v1/search", files=files, params={"k": 2}).json()["hits"]) == 2
+    everything = client.post("/v1/search", files=files, data={"k": str(MAX_K)}).json()
+    assert everything["k"] == MAX_K and len(everything["hits"]) == len(gallery)
+
+
+@pytest.mark.parametrize("k", ["0", "-3", str(MAX_K + 1), "ten"])
+def test_bad_k_is_422(client, gallery, k):
+    response = client.post("/v1/search", files={"image": ("q.png", _png(gallery, 0), "image/png")}, data={"k": k})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][-1] == "k"
+
+
+def test_non_image_upload_is_400_with_the_file_name(client):
+    response = client.post("/v1/search", files={"image": ("notes.txt", b"hello, not an image", "text/plain")})
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json() == {"detail": "cannot read image notes.txt: not a recognised image format"}
+
+
+def test_truncated_and_empty_uploads_are_400(client, gallery):
+    truncated = _png(gallery, 0)[:200]
+    response = client.post("/v1/search", files={"image": ("cut.png", truncated, "image/png")})
+    assert response.status_code == 400 and response.json()["detail"].startswith("cannot read image cut.png: ")
+    response = client.post("/v1/search", files={"image": ("empty.png", b"", "image/png")})
+    assert response.status_code == 400 and response.json() == {"detail": "cannot read image empty.png: empty file"}
+
+
+def test_missing_image_field_is_422(client):
+    response = client.post("/v1/search", data={"k": "3"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "image"]
+
+
+def test_too_large_upload_is_413(client):
+    limit = int(UPLOAD_MB * 1024 * 1024)
+    # Over the file limit but within the multipart allowance: refused by the endpoint after reading.
+    response = client.post("/v1/search", files={"image": ("big.png", b"\0" * (limit + 10), "image/png")})
+    assert response.status_code == 413 and "upload too large" in response.json()["detail"]
+    # Far over: refused from Content-Length before the body is read.
+    response = client.post("/v1/search", files={"image": ("huge.png", b"\0" * (limit * 4), "image/png")})
+    assert response.status_code == 413 and "upload too large" in response.json()["detail"]
+
+
+def test_too_large_chunked_upload_is_413(server):
+    # No Content-Length: the body streams in chunks and is cut off once past the limit.
+    boundary = "xBOUNDARYx"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="s.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for _ in range(40):
+            yield b"\0" * 8192
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    with httpx.Client(base_url=server, timeout=30) as c:
+        response = c.post("/v1/search", content=chunks(), headers=headers)
+    assert response.status_code == 413 and "upload too large" in response.json()["detail"]
+
+
+def test_concurrent_searches(client, gallery):
+    def one(i: int) -> int:
+        response = client.post("/v1/search", files={"image": ("q.png", _png(gallery, i), "image/png")})
+        return response.json()["hits"][0]["id"]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(one, range(len(gallery)))) == list(range(len(gallery)))
+
+
+def test_settings_validation_and_environment(monkeypatch, tmp_path):
+    with pytest.raises(ValidationError, match="default_k"):
+        ServeSettings(index=tmp_path, default_k=50, max_k=10)
+    monkeypatch.setenv("RETRIEVAL_INDEX", str(tmp_path))
+    monkeypatch.setenv("RETRIEVAL_PORT", "9123")
+    settings = ServeSettings()
+    assert settings.index == tmp_path and settings.port == 9123 and settings.host == "127.0.0.1"
+    assert (settings.default_k, settings.max_k, settings.max_upload_mb) == (10, 100, 10)
+    monkeypatch.setenv("RETRIEVAL_MAX_K", "4")
+    assert (ServeSettings().default_k, ServeSettings().max_k) == (4, 4)  # the default follows a lower max_k
+
+
+def test_create_app_loads_nothing_and_documents_the_api(tmp_path):
+    # The index does not exist: building the app must not touch it (loading happens in the lifespan).
+    app = create_app(ServeSettings(index=tmp_path / "no-index", max_k=7))
+    spec = app.openapi()
+    (query_k,) = spec["paths"]["/v1/search"]["post"]["parameters"]
+    assert (query_k["name"], query_k["schema"]["anyOf"][0]["maximum"]) == ("k", 7)
+    assert "/v1/healthz" in spec["paths"]
+
+
+def test_validation_errors_do_not_echo_the_input(client):
+    response = client.post("/v1/search", data={"image": "secret text sent as a plain field"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "image"]
+    assert "secret" not in response.text
+
+
+def test_preflight_reports_wrong_paths_before_starting(serving_index, tiny_checkpoint, tmp_path):
+    assert preflight(ServeSettings(index=serving_index)) == tiny_checkpoint.resolve()
+    with pytest.raises(IndexFormatError, match="index directory not found"):
+        preflight(ServeSettings(index=tmp_path / "nowhere"))
+    with pytest.raises(IndexFormatError, match="manifest not found"):
+        preflight(ServeSettings(index=tmp_path))
+    with pytest.raises(QueryEncoderError, match="query encoder not found"):
+        preflight(ServeSettings(index=serving_index, query_encoder=tmp_path / "model.onnx"))

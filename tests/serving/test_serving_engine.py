@@ -1,0 +1,90 @@
+"""SearchEngine: pairs a query encoder with the index it may search, refuses any other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from indexing import open_index_dir
+from models import Encoder, read_checkpoint_info, save_encoder
+from retrieval.data.datasets import CsvImageDataset
+from serving.engine import EncoderMismatchError, SearchEngine
+from serving.runtimes import QueryEncoderError, open_query_encoder
+
+
+def test_gallery_images_find_themselves_first(serving_index, serving_gallery):
+    gallery = CsvImageDataset(serving_gallery)
+    with SearchEngine.open(serving_index) as engine:  # query encoder = the manifest's encoder_path
+        assert engine.count == len(gallery)
+        assert engine.encoder_id == read_checkpoint_info(engine.index_dir.manifest.encoder_path).encoder_id
+        images = [gallery.load_image(i) for i in range(len(gallery))]
+        results = engine.search(images, k=4)
+    assert len(results) == len(gallery)
+    for i, hits in enumerate(results):
+        assert len(hits) == 4
+        assert hits[0].id == i and hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert hits[0].labels == gallery.label_names(i)
+        assert hits[0].path == gallery.names[i]
+        assert hits.scores == sorted(hits.scores, reverse=True)
+
+
+def test_onnx_query_encoder_gives_the_same_ranking(serving_index, serving_onnx, serving_gallery):
+    gallery = CsvImageDataset(serving_gallery)
+    images = [gallery.load_image(i) for i in range(3)]
+    with (
+        SearchEngine.open(serving_index) as torch_engine,
+        SearchEngine.open(serving_index, serving_onnx) as onnx_engine,
+    ):
+        a = torch_engine.search(images, k=5)
+        b = onnx_engine.search(images, k=5)
+    assert [r.ids for r in a] == [r.ids for r in b]
+    np.testing.assert_allclose([r.scores for r in a], [r.scores for r in b], atol=1e-4)
+
+
+def test_k_larger_than_the_index_returns_everything_and_bad_k_is_refused(serving_index, serving_gallery):
+    gallery = CsvImageDataset(serving_gallery)
+    with SearchEngine.open(serving_index) as engine:
+        (hits,) = engine.search([gallery.load_image(0)], k=100)
+        assert len(hits) == len(gallery)
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match="k must be a positive integer"):
+                engine.search([gallery.load_image(0)], k=bad)
+        assert engine.search([], k=3) == []
+
+
+def test_engine_refuses_an_encoder_from_another_space(serving_index, other_checkpoint):
+    index_dir = open_index_dir(serving_index)
+    try:
+        stranger = open_query_encoder(other_checkpoint)
+        with pytest.raises(EncoderMismatchError) as err:
+            SearchEngine(index_dir, stranger)
+        message = str(err.value)
+        assert stranger.encoder_id in message and index_dir.manifest.encoder_id in message
+    finally:
+        index_dir.close()
+    with pytest.raises(EncoderMismatchError):
+        SearchEngine.open(serving_index, other_checkpoint)
+
+
+def test_engine_accepts_a_student_of_the_index_encoder(serving_index, tiny_encoder_config, tmp_path):
+    teacher_id = open_index_dir(serving_index).manifest.encoder_id
+    torch.manual_seed(5)
+    student = Encoder(tiny_encoder_config.model_copy(update={"teacher_id": teacher_id}))
+    student_id = save_encoder(student, tmp_path / "student")
+    assert student_id != teacher_id
+    with SearchEngine.open(serving_index, tmp_path / "student") as engine:
+        assert engine.query_encoder.teacher_id == teacher_id
+
+
+def test_engine_refuses_a_student_with_the_wrong_dimension(serving_index, tiny_encoder_config, tmp_path):
+    teacher_id = open_index_dir(serving_index).manifest.encoder_id
+    config = tiny_encoder_config.model_copy(update={"teacher_id": teacher_id, "embedding_dim": 16})
+    save_encoder(Encoder(config), tmp_path / "student16")
+    with pytest.raises(EncoderMismatchError, match=r"16-d embeddings .* 32-d vectors"):
+        SearchEngine.open(serving_index, tmp_path / "student16")
+
+
+def test_missing_query_encoder_is_a_clear_error(serving_index, tmp_path):
+    with pytest.raises(QueryEncoderError, match="not found"):
+        SearchEngine.open(serving_index, tmp_path / "nothing-here")

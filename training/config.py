@@ -1,0 +1,152 @@
+"""The typed training config: every knob of a run, loadable from a YAML recipe plus overrides.
+
+Load it with ``retrieval.config.load_config(TrainConfig, "recipe.yaml", ["optim.lr=1e-3"])``; unknown
+keys are errors naming the key. The resolved config is written next to the run's outputs so any
+run can be repeated from that one file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from models.encoder import EncoderConfig
+from retrieval.config import StrictModel
+from retrieval.data.synthetic import SyntheticConfig
+from retrieval.data.transforms import AugmentConfig
+
+__all__ = [
+    "DataConfig",
+    "LossConfig",
+    "OptimConfig",
+    "SamplerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+]
+
+
+class DataConfig(StrictModel):
+    """Where the training and validation images come from.
+
+    Attributes:
+        source: ``"synthetic"`` generates the built-in hierarchical dataset in memory (no files needed);
+            ``"csv"`` reads labelled image lists.
+        synthetic: generator settings for ``source: synthetic`` (its train and val splits are used).
+        train_csv: training CSV (``path`` + level columns), or a folder holding ``labels.csv``.
+        val_csv: optional validation CSV; without it the run is not evaluated.
+        levels: label columns to read from the CSVs, finest first; default all of fine/middle/coarse present.
+        num_workers: DataLoader worker processes (0 decodes in the training process).
+    """
+
+    source: Literal["synthetic", "csv"] = "synthetic"
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    train_csv: Path | None = None
+    val_csv: Path | None = None
+    levels: list[str] | None = None
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _csv_needs_train_file(self) -> DataConfig:
+        if self.source == "csv" and self.train_csv is None:
+            raise ValueError("data.train_csv is required when data.source is 'csv'")
+        return self
+
+
+class LossConfig(StrictModel):
+    """A registered loss (``training.losses.LOSSES``) and its keyword parameters.
+
+    ``params.levels`` may name label levels (``[fine, coarse]``) or give column indices.
+    """
+
+    name: str = "multiscale_normsoftmax"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SamplerConfig(StrictModel):
+    """P x K batches over the finest level: P classes, K images each (batch size P * K)."""
+
+    classes_per_batch: int = Field(16, ge=1)
+    images_per_class: int = Field(4, ge=1)
+
+
+class OptimConfig(StrictModel):
+    """AdamW settings; see ``training.optim`` for the parameter groups."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    gem_p_lr_mult: float = Field(10.0, ge=0)
+    loss_lr_mult: float = Field(1.0, ge=0)
+
+
+class ScheduleConfig(StrictModel):
+    """Step budget, warm-up and an optional wall-clock budget.
+
+    Attributes:
+        max_steps: optimiser steps of the full run (the cosine schedule spans them).
+        warmup_steps: linear warm-up steps at the start; ``null`` means 5% of ``max_steps``.
+        max_minutes: stop cleanly (checkpoint and final encoder saved) once one ``fit`` call has run this
+            long; the schedule is not shortened, so pick ``max_steps`` that fits the budget.
+        final_lr_ratio: learning rate at the end of the cosine, as a fraction of the peak.
+    """
+
+    max_steps: int = Field(1000, ge=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_minutes: float | None = Field(None, gt=0)
+    final_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _warmup_inside_run(self) -> ScheduleConfig:
+        if self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})")
+        return self
+
+    def resolved_warmup_steps(self) -> int:
+        """The warm-up length in steps (the explicit value, or 5% of the run)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round(0.05 * self.max_steps)
+
+
+class TrainConfig(StrictModel):
+    """A complete training run.
+
+    Attributes:
+        name: recipe name, recorded in the encoder's provenance.
+        eval_every: evaluate on the validation set every N steps (0: only at the end).
+        checkpoint_every: write ``checkpoints/last`` every N steps (0: only at the end).
+        log_every: write a metrics line every N steps.
+        grad_clip: clip the global gradient norm to this value (``null`` disables clipping).
+        amp: mixed precision on CUDA (ignored on CPU).
+        amp_dtype: ``float16`` (with loss scaling) or ``bfloat16``.
+        deterministic: ask torch for deterministic kernels (needed for bit-exact resume on CUDA; slower).
+        device: ``auto`` picks CUDA when available.
+        cpu_threads: torch intra-op threads (``null`` keeps torch's default). On a shared CPU machine 1-2
+            threads avoid the large slowdown of OpenMP threads spinning against other processes.
+        eval_batch_size: batch size for embedding the validation set.
+        out_dir: run directory (config, metrics, checkpoints, final encoder).
+    """
+
+    name: str = "custom"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: EncoderConfig = Field(default_factory=EncoderConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(500, ge=0)
+    log_every: int = Field(10, ge=1)
+    grad_clip: float | None = Field(5.0, gt=0)
+    amp: bool = True
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+    eval_batch_size: int = Field(128, ge=1)
+    out_dir: Path = Path("runs/train")

@@ -1,0 +1,34 @@
+"""Turn the ``data`` section of a training config into training and validation datasets."""
+
+from __future__ import annotations
+
+import logging
+
+from retrieval.data.datasets import LabelledImageDataset, open_dataset
+from retrieval.data.synthetic import generate_split
+from training.config import DataConfig
+
+__all__ = ["build_datasets"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_datasets(config: DataConfig) -> tuple[LabelledImageDataset, LabelledImageDataset | None]:
+    """Return ``(train, val)``; ``val`` is ``None`` when the config names no validation data.
+
+    ``synthetic`` renders the generator's train and val splits in memory (val holds fresh instances
+    of the training classes). ``csv`` opens ``train_csv`` / ``val_csv`` (a CSV file, or a folder with a
+    ``labels.csv``), restricted to ``levels`` when given.
+
+    Raises:
+        DatasetError: a missing or malformed CSV (the message names the file).
+    """
+    if config.source == "synthetic":
+        train = generate_split(config.synthetic, "train")
+        val = generate_split(config.synthetic, "val")
+        logger.info("synthetic data: %d train / %d val images", len(train), len(val))
+        return train, val
+    assert config.train_csv is not None  # enforced by DataConfig's validator
+    train = open_dataset(config.train_csv, levels=config.levels)
+    val = open_dataset(config.val_csv, levels=config.levels) if config.val_csv is not None else None
+    return train, val

@@ -1,0 +1,60 @@
+"""The loss registry and its factory.
+
+Every loss is built the same way, ``builder(num_classes, embedding_dim, **params)``, where
+``num_classes`` lists the number of classes per label level (finest first). A loss that needs
+only one level or none (pair-based losses) simply ignores what it does not use; this uniform
+signature is what lets a YAML recipe name any loss without the trainer knowing its type.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from retrieval.registry import Registry
+
+__all__ = ["LOSSES", "LossBuilder", "create_loss"]
+
+LossBuilder = Callable[..., nn.Module]
+
+#: ``name -> builder(num_classes: list[int], embedding_dim: int, **params) -> nn.Module``.
+LOSSES: Registry[LossBuilder] = Registry("loss")
+
+# Modules whose import registers the built-in losses; a new loss family adds its module here.
+_BUILTIN_MODULES: tuple[str, ...] = ("training.losses.classification",)
+
+
+def _register_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def create_loss(name: str, num_classes: Sequence[int], embedding_dim: int, **params: Any) -> nn.Module:
+    """Build the loss registered as ``name``.
+
+    Args:
+        name: registered loss name (see ``LOSSES.names()``), e.g. ``"multiscale_cosface"``.
+        num_classes: number of classes at each label level, finest first (one entry per label column).
+        embedding_dim: dimension of the embeddings the loss receives.
+        **params: loss-specific hyper-parameters from the recipe's ``loss.params``.
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (the message lists the valid names).
+        ValueError: the parameters do not fit the loss (the message names the loss).
+    """
+    _register_builtins()
+    builder = LOSSES.get(name)
+    if not num_classes or any(int(c) < 1 for c in num_classes):
+        raise ValueError(f"loss {name!r}: num_classes must list a positive class count per level, got {num_classes}")
+    if embedding_dim < 1:
+        raise ValueError(f"loss {name!r}: embedding_dim must be positive, got {embedding_dim}")
+    args = ([int(c) for c in num_classes], int(embedding_dim))
+    try:
+        inspect.signature(builder).bind(*args, **params)
+    except TypeError as exc:  # an unknown or missing keyword in a recipe
+        raise ValueError(f"loss {name!r}: invalid parameters {sorted(params)}: {exc}") from None
+    return builder(*args, **params)

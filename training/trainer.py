@@ -1,0 +1,503 @@
+"""The training loop: P x K batches -> encoder -> loss -> AdamW, with evaluation, checkpoints and resume.
+
+``Trainer(config, train_dataset, val_dataset).fit()`` runs (or continues) a run in ``out_dir``::
+
+    out_dir/
+        config.yaml                 the resolved config (defaults + recipe + overrides)
+        metrics.jsonl               one line per log step and per evaluation
+        checkpoints/last/           encoder + optimiser/scheduler/loss/RNG state (see training.checkpoints)
+        encoder/                    the final encoder checkpoint (``models.load_encoder``)
+
+Resuming is bit-exact on CPU: N steps straight and N/2 + resume + N/2 give identical weights, because
+the batch stream is a pure function of the step (``training.batches``) and every stateful piece
+(optimiser, schedule, loss proxies, grad scaler, RNGs) is checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from models.checkpoint import save_encoder
+from models.encoder import Encoder
+from retrieval.config import save_config
+from retrieval.data.datasets import LabelledImageDataset
+from retrieval.data.sampler import PKBatchSampler
+from retrieval.data.transforms import build_transforms
+from retrieval.evaluation.protocols import evaluate_embeddings
+from retrieval.evaluation.report import EvaluationReport
+from training.batches import SeededSamples, step_batches
+from training.checkpoints import (
+    TRAIN_STATE_FILE,
+    capture_rng_state,
+    load_training_checkpoint,
+    restore_rng_state,
+    save_training_checkpoint,
+)
+from training.config import TrainConfig
+from training.losses import create_loss
+from training.metrics_log import MetricsLog
+from training.optim import build_optimizer, build_scheduler
+from training.progress import TrainProgress
+
+__all__ = ["TrainResult", "Trainer", "resolve_device", "train"]
+
+logger = logging.getLogger(__name__)
+
+# Sections whose change between a checkpoint and a resumed run changes what is trained.
+_RESUME_SENSITIVE = ("data", "model", "augment", "loss", "sampler", "optim", "seed")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one ``fit`` call did.
+
+    Attributes:
+        steps: the run's step count after this call (including steps of earlier, resumed calls).
+        steps_this_run: optimiser steps taken by this call.
+        seconds: wall-clock duration of this call (training, evaluation and saving).
+        images_per_second: training throughput of this call (data loading + step; no eval or saving).
+        stopped: ``"completed"`` (``max_steps`` reached), ``"time_budget"`` or ``"stop_at_step"``.
+        final_loss: mean loss over the last logging window (``None`` when no step ran).
+        val_report: evaluation on the validation set at the end (``None`` without one).
+        encoder_path: the saved final encoder checkpoint.
+        encoder_id: its content id.
+    """
+
+    steps: int
+    steps_this_run: int
+    seconds: float
+    images_per_second: float
+    stopped: str
+    final_loss: float | None
+    val_report: EvaluationReport | None
+    encoder_path: Path
+    encoder_id: str
+
+    @property
+    def val_metrics(self) -> dict[str, float] | None:
+        """Validation metrics averaged over levels (``{"R@1": ..., "mAP": ...}``), or ``None``."""
+        return None if self.val_report is None else dict(self.val_report.mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the validation report as its own ``to_dict``)."""
+        return {
+            "steps": self.steps,
+            "steps_this_run": self.steps_this_run,
+            "seconds": round(self.seconds, 2),
+            "images_per_second": round(self.images_per_second, 1),
+            "stopped": self.stopped,
+            "final_loss": self.final_loss,
+            "val": None if self.val_report is None else self.val_report.to_dict(),
+            "encoder_path": str(self.encoder_path),
+            "encoder_id": self.encoder_id,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is visible; use device: cpu or auto")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains an encoder (and its loss's proxies) on a labelled dataset.
+
+    Building a ``Trainer`` seeds every RNG from ``config.seed`` and creates the encoder, loss, optimiser
+    and schedule, so configuration mistakes surface before any data is loaded.
+
+    Args:
+        config: the run's config.
+        train_dataset: labelled training images; its label levels become the encoder's ``levels``.
+        val_dataset: optional validation images (same levels), evaluated leave-one-out per level.
+        out_dir: run directory; defaults to ``config.out_dir``.
+        progress: draw a progress bar on stderr.
+
+    Raises:
+        ValueError: datasets that do not fit the config (levels, too few classes for P, unknown loss...).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_dataset: LabelledImageDataset,
+        val_dataset: LabelledImageDataset | None = None,
+        out_dir: str | Path | None = None,
+        *,
+        progress: bool = True,
+    ) -> None:
+        _check_datasets(train_dataset, val_dataset)
+        out_dir = Path(out_dir) if out_dir is not None else config.out_dir
+        model_cfg = config.model.model_copy(update={"levels": list(train_dataset.schema.levels)})
+        self.config = config.model_copy(update={"model": model_cfg, "out_dir": out_dir})
+        self.out_dir = out_dir
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        _seed_everything(config.seed)
+        self.encoder = Encoder(self.config.model).to(self.device)
+        self.loss_fn = self._build_loss().to(self.device)
+        self.optimizer = build_optimizer(self.encoder, self.loss_fn, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.sampler = PKBatchSampler(
+            train_dataset.level_labels(0),
+            config.sampler.classes_per_batch,
+            config.sampler.images_per_class,
+            seed=config.seed,
+        )
+        self.train_transform = build_transforms(self.config.model.preprocess, train=True, augment=config.augment)
+        self.eval_transform = build_transforms(self.config.model.preprocess, train=False)
+        self.step = 0
+        self.images_seen = 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints" / "last"
+
+    def _build_loss(self) -> torch.nn.Module:
+        schema, vocab = self.train_dataset.schema, self.train_dataset.vocab
+        params = dict(self.config.loss.params)
+        if params.get("levels") is not None:  # level names from a recipe -> label columns
+            params["levels"] = [schema.index(v) if isinstance(v, str) else v for v in params["levels"]]
+        num_classes = [vocab.num_classes(k) for k in range(schema.num_levels)]
+        return create_loss(self.config.loss.name, num_classes, self.config.model.embedding_dim, **params)
+
+    # ------------------------------------------------------------------ public API
+
+    def fit(self, resume: bool = True, *, stop_at_step: int | None = None) -> TrainResult:
+        """Train until ``schedule.max_steps`` (or the time budget), then save and evaluate.
+
+        Args:
+            resume: continue from ``out_dir/checkpoints/last`` when it exists; ``False`` starts over
+                (the old checkpoint is replaced at the next save).
+            stop_at_step: stop after this step without changing the schedule (a pre-emptible job's
+                slice); a later ``fit()`` resumes from there.
+        """
+        started = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.out_dir / "config.yaml")
+        resumed = resume and (self.checkpoint_dir / TRAIN_STATE_FILE).is_file()
+        if not resumed and self.step > 0:
+            raise RuntimeError("this Trainer has already trained; build a new Trainer to start the run over")
+        if resumed:
+            self._restore(load_training_checkpoint(self.checkpoint_dir, self.encoder))
+            logger.info("resumed %s at step %d", self.checkpoint_dir, self.step)
+        elif self.checkpoint_dir.exists():
+            logger.warning("starting over; the checkpoint in %s will be replaced", self.checkpoint_dir)
+        log = MetricsLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if resumed else None)
+        max_steps = self.config.schedule.max_steps
+        target = max_steps if stop_at_step is None else max(self.step, min(stop_at_step, max_steps))
+        with _deterministic(self.config.deterministic):
+            run = self._train_until(target, log, started)
+            if run["stopped"] == "completed" and target < max_steps:
+                run["stopped"] = "stop_at_step"
+            self._save_checkpoint()
+            report = self.evaluate()
+        if report is not None:
+            log.write(self.step, event="eval", **report.to_dict())
+            logger.info("step %d validation:\n%s", self.step, report.format_table())
+        encoder_path = self.out_dir / "encoder"
+        self._set_provenance()
+        encoder_id = save_encoder(self.encoder, encoder_path)
+        train_seconds = run["train_seconds"]
+        return TrainResult(
+            steps=self.step,
+            steps_this_run=run["steps"],
+            seconds=time.perf_counter() - started,
+            images_per_second=run["images"] / train_seconds if train_seconds > 0 else 0.0,
+            stopped=run["stopped"],
+            final_loss=run["last_loss"],
+            val_report=report,
+            encoder_path=encoder_path,
+            encoder_id=encoder_id,
+        )
+
+    @torch.no_grad()
+    def embed(self, dataset: LabelledImageDataset) -> np.ndarray:
+        """Embed ``dataset`` with the evaluation transform: float32 ``(N, D)``, L2-normalised."""
+        view = dataset.with_transform(self.eval_transform)
+        loader = DataLoader(
+            view,
+            batch_size=self.config.eval_batch_size,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),  # never draw from the global RNG (it belongs to training)
+        )
+        was_training = self.encoder.training
+        self.encoder.eval()
+        chunks = []
+        try:
+            for images, _labels in loader:
+                with self._autocast():
+                    out = self.encoder(images.to(self.device, non_blocking=True))
+                chunks.append(F.normalize(out.float(), dim=-1).cpu())
+        finally:
+            self.encoder.train(was_training)
+        return torch.cat(chunks).numpy()
+
+    def evaluate(self) -> EvaluationReport | None:
+        """Leave-one-out retrieval metrics per level on the validation set (``None`` without one)."""
+        if self.val_dataset is None:
+            return None
+        embeddings = self.embed(self.val_dataset)
+        return evaluate_embeddings(embeddings, self.val_dataset.labels, schema=self.val_dataset.schema)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train_until(self, target: int, log: MetricsLog, started: float) -> dict[str, Any]:
+        cfg = self.config
+        budget = cfg.schedule.max_minutes * 60.0 if cfg.schedule.max_minutes else None
+        run: dict[str, Any] = {"steps": 0, "images": 0, "train_seconds": 0.0, "stopped": "completed", "last_loss": None}
+        if self.step >= target:
+            return run
+        window = _Window(self.device)
+        batches = self._batches(self.step)
+        with TrainProgress(target, self.step, enabled=self.progress) as bar:
+            while self.step < target:
+                tick = time.perf_counter()
+                images, labels = next(batches)
+                loss, lr, grad_norm = self._train_step(images, labels)
+                elapsed = time.perf_counter() - tick
+                self.step += 1
+                self.images_seen += len(images)
+                run["steps"] += 1
+                run["images"] += len(images)
+                run["train_seconds"] += elapsed
+                window.add(loss, grad_norm, len(images), elapsed)
+                if self.step % cfg.log_every == 0 or self.step == target:
+                    run["last_loss"] = self._log_window(window, lr, log, bar)
+                else:
+                    bar.update(self.step)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target:
+                    self._evaluate_and_log(log)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < target:
+                    self._save_checkpoint()
+                if budget is not None and time.perf_counter() - started > budget and self.step < target:
+                    run["stopped"] = "time_budget"
+                    logger.warning("time budget of %.1f min reached at step %d", cfg.schedule.max_minutes, self.step)
+                    break
+        batches.close()  # shuts down DataLoader workers now rather than at garbage collection
+        if window.steps:
+            run["last_loss"] = self._log_window(window, self.optimizer.param_groups[0]["lr"], log, None)
+        return run
+
+    def _batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            SeededSamples(self.train_dataset.with_transform(self.train_transform)),
+            batch_sampler=step_batches(self.sampler, start_step, self.config.seed),
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+        yield from loader
+
+    def _train_step(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        self.encoder.train()
+        self.loss_fn.train()
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            embeddings = self.encoder(images)
+        loss = self.loss_fn(embeddings.float(), labels)  # losses run in full precision
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        grad_norm = None
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach(), lr, grad_norm
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _log_window(self, window: _Window, lr: float, log: MetricsLog, bar: TrainProgress | None) -> float:
+        loss, grad_norm, ips = window.summary()
+        window.reset()
+        if not math.isfinite(loss) and not self.scaler.is_enabled():
+            raise FloatingPointError(
+                f"the loss became {loss} at step {self.step}: training diverged; "
+                "lower optim.lr, raise schedule.warmup_steps or set grad_clip"
+            )
+        epoch = self.step // len(self.sampler)
+        log.write(self.step, event="train", epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, images_per_second=ips)
+        if bar is not None:
+            bar.update(self.step, loss=loss, images_per_second=ips)
+        return loss
+
+    def _evaluate_and_log(self, log: MetricsLog) -> None:
+        report = self.evaluate()
+        if report is not None:
+            log.write(self.step, event="eval", **report.to_dict())
+            summary = ", ".join(f"{k} {100 * v:.2f}" for k, v in report.mean.items())
+            logger.info("step %d validation (mean over levels): %s", self.step, summary)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _set_provenance(self) -> None:
+        provenance = {
+            **self.config.model.provenance,
+            "recipe": self.config.name,
+            "steps": self.step,
+            "dataset": _describe_dataset(self.train_dataset, self.config),
+            "train_images": len(self.train_dataset),
+            "loss": self.config.loss.name,
+            "seed": self.config.seed,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self.encoder.config = self.encoder.config.model_copy(update={"provenance": provenance})
+
+    def _save_checkpoint(self) -> None:
+        self._set_provenance()
+        state = {
+            "step": self.step,
+            "epoch": self.step // len(self.sampler),
+            "batch_in_epoch": self.step % len(self.sampler),
+            "images_seen": self.images_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "rng": capture_rng_state(),
+            "config": self.config.model_dump_json(),
+        }
+        save_training_checkpoint(self.checkpoint_dir, self.encoder, state)
+        save_config(self.config, self.checkpoint_dir / "config.yaml")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        _warn_on_config_change(state.get("config"), self.config)
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.images_seen = int(state.get("images_seen", 0))
+
+
+def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
+    """Build the datasets named by ``config.data`` and run (or resume) the training in ``config.out_dir``."""
+    from training.data_factory import build_datasets
+
+    train_dataset, val_dataset = build_datasets(config.data)
+    return Trainer(config, train_dataset, val_dataset, progress=progress).fit(resume=resume)
+
+
+class _Window:
+    """Running sums between two log lines, kept on the device so a step never waits for the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.has_grad_norm = False
+        self.steps = 0
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, images: int, seconds: float) -> None:
+        self.loss += loss.float()
+        if grad_norm is not None:
+            self.grad_norm += grad_norm.float()
+            self.has_grad_norm = True
+        self.steps += 1
+        self.images += images
+        self.seconds += seconds
+
+    def summary(self) -> tuple[float, float | None, float]:
+        steps = max(self.steps, 1)
+        loss = float(self.loss) / steps
+        grad_norm = float(self.grad_norm) / steps if self.has_grad_norm else None
+        return loss, grad_norm, self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _check_datasets(train: LabelledImageDataset, val: LabelledImageDataset | None) -> None:
+    if len(train) == 0:
+        raise ValueError("the training dataset is empty")
+    if val is None:
+        return
+    if val.schema.levels != train.schema.levels:
+        raise ValueError(f"validation levels {val.schema.levels} differ from training levels {train.schema.levels}")
+    if len(val) < 2:
+        raise ValueError(f"the validation dataset needs at least 2 images for leave-one-out, got {len(val)}")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+
+
+def _describe_dataset(dataset: LabelledImageDataset, config: TrainConfig) -> str:
+    for attribute in ("csv_path", "root"):
+        value = getattr(dataset, attribute, None)
+        if value is not None:
+            return str(value)
+    if config.data.source == "synthetic":
+        return f"synthetic(seed={config.data.synthetic.seed})"
+    return type(dataset).__name__
+
+
+def _warn_on_config_change(saved: str | None, current: TrainConfig) -> None:
+    if not saved:
+        return
+    before = json.loads(saved)
+    now = json.loads(current.model_dump_json())
+    for config in (before, now):  # worker count changes speed, not results
+        config.get("data", {}).pop("num_workers", None)
+    changed = [key for key in _RESUME_SENSITIVE if before.get(key) != now.get(key)]
+    if changed:
+        logger.warning("resuming with a changed config (%s); the run is no longer reproducible", ", ".join(changed))
