@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from retrieval.errors import UserFacingError
+
 __all__ = ["Registry", "UnknownNameError"]
 
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserFacingError, KeyError):
     """Raised when a registry is asked for a name it does not hold."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.

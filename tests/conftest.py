@@ -28,16 +28,25 @@ def tiny_encoder_config():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tiny_encoder_config) -> Path:
-    """A saved checkpoint of a seeded random tiny encoder."""
+def make_checkpoint(tmp_path_factory, tiny_encoder_config):
+    """Factory: save a tiny encoder with weights drawn from ``seed``; different seeds give different encoder ids."""
     import torch
 
     from models import Encoder, save_encoder
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "encoder"
-    save_encoder(Encoder(tiny_encoder_config).eval(), path)
-    return path
+    def make(seed: int) -> Path:
+        torch.manual_seed(seed)
+        path = tmp_path_factory.mktemp(f"ckpt{seed}") / "encoder"
+        save_encoder(Encoder(tiny_encoder_config).eval(), path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint) -> Path:
+    """A saved checkpoint of a seeded random tiny encoder."""
+    return make_checkpoint(0)
 
 
 @pytest.fixture(scope="session")

@@ -57,9 +57,8 @@ def test_quickstart_leaves_usable_artifacts(quickstart_run):
     assert json.loads(info.stdout)["count"] > 0
 
     query = report["samples"][0]["query"]
-    searched = runner.invoke(
-        app, ["search", "--index", paths["index"], "--query-encoder", paths["query_encoder"], query, "--k", "3", "--json"]
-    )
+    args = ["search", "--index", paths["index"], "--query-encoder", paths["query_encoder"], query, "--k", "3", "--json"]
+    searched = runner.invoke(app, args)
     assert searched.exit_code == 0, searched.output
     hits = json.loads(searched.stdout)["results"][0]["hits"]
     assert len(hits) == 3 and hits[0]["path"] == query  # a gallery image finds itself first

@@ -55,13 +55,6 @@ def serving_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def other_checkpoint(tmp_path_factory, tiny_encoder_config) -> Path:
+def other_checkpoint(make_checkpoint) -> Path:
     """Same architecture as the tiny checkpoint, different random weights (so a different encoder id)."""
-    import torch
-
-    from models import Encoder, save_encoder
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("other_ckpt") / "encoder"
-    save_encoder(Encoder(tiny_encoder_config).eval(), path)
-    return path
+    return make_checkpoint(1)

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from retrieval.config import ConfigError
 from retrieval.registry import Registry
 
 __all__ = ["LOSSES", "LossBuilder", "create_loss"]
@@ -44,17 +45,17 @@ def create_loss(name: str, num_classes: Sequence[int], embedding_dim: int, **par
 
     Raises:
         UnknownNameError: ``name`` is not registered (the message lists the valid names).
-        ValueError: the parameters do not fit the loss (the message names the loss).
+        ConfigError: the parameters do not fit the loss (the message names the loss).
     """
     _register_builtins()
     builder = LOSSES.get(name)
     if not num_classes or any(int(c) < 1 for c in num_classes):
-        raise ValueError(f"loss {name!r}: num_classes must list a positive class count per level, got {num_classes}")
+        raise ConfigError(f"loss {name!r}: num_classes must list a positive class count per level, got {num_classes}")
     if embedding_dim < 1:
-        raise ValueError(f"loss {name!r}: embedding_dim must be positive, got {embedding_dim}")
+        raise ConfigError(f"loss {name!r}: embedding_dim must be positive, got {embedding_dim}")
     args = ([int(c) for c in num_classes], int(embedding_dim))
     try:
         inspect.signature(builder).bind(*args, **params)
     except TypeError as exc:  # an unknown or missing keyword in a recipe
-        raise ValueError(f"loss {name!r}: invalid parameters {sorted(params)}: {exc}") from None
+        raise ConfigError(f"loss {name!r}: invalid parameters {sorted(params)}: {exc}") from None
     return builder(*args, **params)
