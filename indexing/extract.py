@@ -26,6 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.console import Console
 from rich.text import Text
 from torch.utils.data import DataLoader
 
@@ -146,6 +147,6 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not enabled) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
         task = bar.add_task("embedding", total=total)
         yield lambda n: bar.advance(task, n)

@@ -24,6 +24,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -42,6 +43,7 @@ __all__ = [
     "OUTPUT_NAME",
     "PARITY_THRESHOLD",
     "ExportError",
+    "OnnxExport",
     "check_onnx_parity",
     "export_onnx",
 ]
@@ -62,13 +64,22 @@ class ExportError(UserFacingError, RuntimeError):
     """An export that failed or whose ONNX output does not match PyTorch."""
 
 
+@dataclass(frozen=True)
+class OnnxExport:
+    """A written, verified export: where it is, how closely it matches PyTorch, which exporter made it."""
+
+    path: Path
+    min_cosine: float
+    exporter: str
+
+
 def export_onnx(
     encoder: Encoder | str | Path,
     out_path: str | Path,
     opset: int = 18,
     example_size: int | None = None,
     exporter: Exporter = "auto",
-) -> Path:
+) -> OnnxExport:
     """Export ``encoder`` to ONNX with dynamic batch, height and width, and verify it.
 
     Args:
@@ -81,7 +92,8 @@ def export_onnx(
             back to torchscript when tracing fails).
 
     Returns:
-        ``out_path`` as a ``Path``.
+        The written path with the minimum PyTorch/ONNX Runtime cosine over the two parity checks (at the
+        export size, batch 3, and at size + 32, batch 2).
 
     Raises:
         ExportError: the encoder has no id, the exporter failed, or the parity check failed; nothing is
@@ -128,7 +140,7 @@ def export_onnx(
     logger.info(
         "exported encoder %s to %s (%s exporter, parity cosine %.6f)", metadata["encoder_id"], out_path, used, worst
     )
-    return out_path
+    return OnnxExport(path=out_path, min_cosine=worst, exporter=used)
 
 
 def check_onnx_parity(encoder: torch.nn.Module, onnx_path: str | Path, images: torch.Tensor) -> float:

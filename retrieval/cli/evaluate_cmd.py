@@ -34,7 +34,7 @@ def recall(
             raise typer.BadParameter(f"--ks must be comma-separated integers, got {ks!r}") from None
         dataset = open_dataset(images)
         model = load_encoder(encoder, device=device)
-        extraction = extract_embeddings(model, dataset, batch_size=batch_size, device=device)
+        extraction = extract_embeddings(model, dataset, batch_size=batch_size, device=device, progress=not as_json)
         labels = dataset.labels[extraction.indices]
         report = evaluate_embeddings(extraction.embeddings, labels, schema=dataset.schema, ks=k_values)
     if as_json:

@@ -30,7 +30,14 @@ def build(
 
         dataset = open_dataset(images)
         summary = build_index(
-            encoder, dataset, out, factory=factory, batch_size=batch_size, device=device, num_workers=workers
+            encoder,
+            dataset,
+            out,
+            factory=factory,
+            batch_size=batch_size,
+            device=device,
+            num_workers=workers,
+            progress=not as_json,
         )
     result = {
         "index": str(out),

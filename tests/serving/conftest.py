@@ -51,7 +51,7 @@ def serving_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint exported to ONNX (the export itself checks parity at two sizes)."""
     from serving.export import export_onnx
 
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("serving_onnx") / "encoder.onnx")
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("serving_onnx") / "encoder.onnx").path
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,8 @@ def test_export_leaves_only_the_final_file(serving_onnx):
 def test_torchscript_exporter_and_replacing_an_existing_file(tiny_checkpoint, tmp_path):
     target = tmp_path / "encoder.onnx"
     target.write_bytes(b"an older export")
-    assert export_onnx(tiny_checkpoint, target, exporter="torchscript", example_size=48) == target
+    exported = export_onnx(tiny_checkpoint, target, exporter="torchscript", example_size=48)
+    assert exported.path == target and exported.exporter == "torchscript" and exported.min_cosine >= 0.9999
     encoder = load_encoder(tiny_checkpoint)
     assert check_onnx_parity(encoder, target, _images(2, 40, 56, seed=9)) >= PARITY_THRESHOLD
     assert read_onnx_metadata(target).encoder_id == encoder.encoder_id

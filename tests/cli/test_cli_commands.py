@@ -1,0 +1,70 @@
+"""The stage commands chained through the CLI: synth -> index build -> info -> evaluate -> export -> search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.cli.main import app
+
+runner = CliRunner()
+SMALL = ["--image-size", "32", "--set", "train_per_class=2", "--set", "val_per_class=1", "--set", "test_per_class=3"]
+
+
+def _json(args: list[str]) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # --json output must be parseable: no progress bars on stdout
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    written = _json(["data", "synth", "--out", str(out), *SMALL])
+    assert set(written) == {"train", "val", "test"}
+    return out
+
+
+def test_index_evaluate_export_search_chain(synth_dir, tiny_checkpoint, tmp_path):
+    test_csv = synth_dir / "test" / "labels.csv"
+    (synth_dir / "test" / "broken.png").write_bytes(b"not a png")
+    with test_csv.open("a") as fh:
+        fh.write("broken.png,triangle-red-solid,triangle,polygon\n")
+    rows = sum(1 for _ in test_csv.open()) - 1
+
+    built = _json(["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(test_csv),
+                   "--out", str(tmp_path / "index")])  # fmt: skip
+    assert built["count"] == rows - 1 and built["skipped"] == 1
+    assert "broken.png" in (tmp_path / "index" / "skipped.tsv").read_text()
+
+    info = _json(["index", "info", str(tmp_path / "index")])
+    assert info["count"] == rows - 1 and info["levels"] == ["fine", "middle", "coarse"]
+
+    report = _json(["evaluate", "recall", "--encoder", str(tiny_checkpoint), "--images", str(test_csv),
+                    "--ks", "1,2"])  # fmt: skip
+    assert report["skipped"] == 1 and set(report["per_level"]["coarse"]) == {"R@1", "R@2", "mAP"}
+
+    exported = _json(["export", "--encoder", str(tiny_checkpoint), "--out", str(tmp_path / "q.onnx")])
+    assert exported["min_cosine_vs_pytorch"] >= 0.9999
+
+    query = next((synth_dir / "test").glob("*/0000.png"))
+    found = _json(["search", "--index", str(tmp_path / "index"), "--query-encoder", str(tmp_path / "q.onnx"),
+                   str(query), "--k", "2"])  # fmt: skip
+    assert found["results"][0]["hits"][0]["path"] == str(query.resolve())
+
+
+def test_bad_inputs_are_one_line_errors(synth_dir, tiny_checkpoint, tmp_path):
+    cases = [
+        (["index", "info", str(tmp_path)], "manifest"),
+        (["search", "--index", str(tmp_path / "nope"), str(tmp_path / "q.png")], "nope"),
+        (["export", "--encoder", str(tmp_path), "--out", str(tmp_path / "x.onnx")], "not an encoder checkpoint"),
+        (["train", "--config", "no-such-recipe"], "no-such-recipe"),
+        (["train", "--set", "optim.lrr=1"], "optim.lrr"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output and "Traceback" not in result.output, (args, result.output)
