@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from indexing.metadata import MetadataRow, MetadataStore
 from indexing.results import SearchHit, SearchResults
 from retrieval.atomic import atomic_directory
 from retrieval.data.images import SkipReport
+from retrieval.resources import Closeable
 
 __all__ = [
     "INDEX_FILE",
@@ -162,7 +162,7 @@ def _leftover_hint(path: Path) -> str:
     )
 
 
-class IndexDirectory:
+class IndexDirectory(Closeable):
     """An opened index directory: manifest, FAISS index and metadata, searchable.
 
     Use ``open_index_dir`` to create one. Searching is safe from several threads.
@@ -236,14 +236,6 @@ class IndexDirectory:
 
     def close(self) -> None:
         self.metadata.close()
-
-    def __enter__(self) -> IndexDirectory:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"IndexDirectory({str(self.path)!r}, count={self.manifest.count}, dim={self.dim})"

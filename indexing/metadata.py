@@ -13,10 +13,11 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
+
+from retrieval.resources import Closeable
 
 __all__ = ["MetadataRow", "MetadataStore"]
 
@@ -50,7 +51,7 @@ class MetadataRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class MetadataStore:
+class MetadataStore(Closeable):
     """A SQLite table ``items(id INTEGER PRIMARY KEY, path TEXT, labels TEXT JSON, extra TEXT JSON)``.
 
     The connection may be shared between threads (the HTTP server answers requests from a
@@ -147,14 +148,6 @@ class MetadataStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-    def __enter__(self) -> MetadataStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _encode(row: MetadataRow | Mapping[str, Any]) -> tuple[int, str | None, str, str]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from PIL import Image
 
 from indexing import IndexDirectory, Manifest, SearchResults, open_index_dir
 from retrieval.errors import UserFacingError
+from retrieval.resources import Closeable
 from serving.runtimes import QueryEncoder, QueryEncoderError, open_query_encoder
 
 __all__ = ["EncoderMismatchError", "SearchEngine", "check_compatible", "resolve_query_encoder_path"]
@@ -29,7 +29,7 @@ class EncoderMismatchError(UserFacingError, ValueError):
     """A query encoder whose embedding space is not the index's; the message names both ids."""
 
 
-class SearchEngine:
+class SearchEngine(Closeable):
     """Embeds query images and searches an index directory with them.
 
     Args:
@@ -110,14 +110,6 @@ class SearchEngine:
 
     def close(self) -> None:
         self.index_dir.close()
-
-    def __enter__(self) -> SearchEngine:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         index = str(self.index_dir.path)

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 # The core utilities every layer may use, then: package -> the project packages it may import.
-CORE = {"retrieval.config", "retrieval.registry", "retrieval.atomic", "retrieval.errors"}
+CORE = {"retrieval.config", "retrieval.registry", "retrieval.atomic", "retrieval.errors", "retrieval.resources"}
 ALLOWED = {
     "retrieval.data": CORE | {"retrieval.data"},
     "retrieval.evaluation": CORE | {"retrieval.data", "retrieval.evaluation"},
