@@ -22,7 +22,7 @@ from indexing.index_dir import write_index_dir
 from indexing.manifest import Manifest
 from indexing.metadata import MetadataRow
 from models.checkpoint import load_encoder
-from retrieval.data.datasets import LabelledImageDataset
+from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.images import SkipReport
 
 __all__ = ["BuildSummary", "build_index"]
@@ -82,7 +82,7 @@ def build_index(
     """
     start = time.perf_counter()
     if len(dataset) == 0:
-        raise ValueError("cannot build an index from an empty dataset")
+        raise DatasetError("cannot build an index from an empty dataset")
     encoder = load_encoder(encoder_path, device=device)
     encoder_id = str(encoder.encoder_id)
     extraction = extract_embeddings(
@@ -90,7 +90,7 @@ def build_index(
     )
     if len(extraction) == 0:
         examples = "; ".join(f"{path}: {reason}" for path, reason in extraction.skipped.skipped[:3])
-        raise ValueError(f"none of the {len(dataset)} images could be read (e.g. {examples})")
+        raise DatasetError(f"none of the {len(dataset)} images could be read (e.g. {examples})")
 
     index = FaissIndex(encoder.embedding_dim, factory)
     index.train(extraction.embeddings)

@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader
 
 from models.checkpoint import save_encoder
 from models.encoder import Encoder
-from retrieval.config import save_config
-from retrieval.data.datasets import LabelledImageDataset
+from retrieval.config import ConfigError, save_config
+from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.sampler import PKBatchSampler
 from retrieval.data.transforms import build_transforms
 from retrieval.evaluation.protocols import evaluate_embeddings
@@ -114,7 +114,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is visible; use device: cpu or auto")
+        raise ConfigError("device: cuda was requested but no CUDA device is visible; use device: cpu or auto")
     return torch.device(name)
 
 
@@ -451,13 +451,13 @@ class _Window:
 
 def _check_datasets(train: LabelledImageDataset, val: LabelledImageDataset | None) -> None:
     if len(train) == 0:
-        raise ValueError("the training dataset is empty")
+        raise DatasetError("the training dataset is empty")
     if val is None:
         return
     if val.schema.levels != train.schema.levels:
-        raise ValueError(f"validation levels {val.schema.levels} differ from training levels {train.schema.levels}")
+        raise DatasetError(f"validation levels {val.schema.levels} differ from training levels {train.schema.levels}")
     if len(val) < 2:
-        raise ValueError(f"the validation dataset needs at least 2 images for leave-one-out, got {len(val)}")
+        raise DatasetError(f"the validation dataset needs at least 2 images for leave-one-out, got {len(val)}")
 
 
 def _seed_everything(seed: int) -> None:

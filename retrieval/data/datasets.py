@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from retrieval.data.images import load_image as _load_image_file
 from retrieval.data.labels import DEFAULT_LEVELS, LabelSchema, LabelVocabulary
+from retrieval.errors import UserFacingError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -41,7 +42,7 @@ UNLABELLED = "unlabelled"  # class of images lying directly in an image folder's
 Transform = Callable[[Image.Image], Any]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserFacingError, ValueError):
     """A dataset description (CSV, folder, arrays) that cannot be used; the message names the file or field."""
 
 

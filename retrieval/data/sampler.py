@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from retrieval.config import ConfigError
+
 __all__ = ["PKBatchSampler"]
 
 
@@ -57,7 +59,7 @@ class PKBatchSampler(Sampler[list[int]]):
             )
         classes, inverse = np.unique(labels, return_inverse=True)
         if classes_per_batch > len(classes):
-            raise ValueError(f"classes_per_batch={classes_per_batch} exceeds the number of classes ({len(classes)})")
+            raise ConfigError(f"classes_per_batch={classes_per_batch} exceeds the number of classes ({len(classes)})")
         if num_batches is not None and num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}")
         order = np.argsort(inverse, kind="stable")
