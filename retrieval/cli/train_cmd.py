@@ -36,4 +36,9 @@ def train(
     if as_json:
         print_json(summary)
         return
-    console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f}s; encoder: {summary['encoder_path']}")
+    if result.val_report is not None:
+        console.print(result.val_report.format_table(), highlight=False)
+    console.print(
+        f"{summary['steps']} steps ({summary['stopped']}), {summary['seconds']:.0f}s this run; "
+        f"encoder: {summary['encoder_path']}"
+    )
