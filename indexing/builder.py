@@ -18,7 +18,7 @@ import torch
 
 from indexing.extract import extract_embeddings
 from indexing.faiss_index import FaissIndex
-from indexing.index_dir import write_index_dir
+from indexing.index_dir import check_replaceable, write_index_dir
 from indexing.manifest import Manifest
 from indexing.metadata import MetadataRow
 from models.checkpoint import load_encoder
@@ -83,8 +83,10 @@ def build_index(
     start = time.perf_counter()
     if len(dataset) == 0:
         raise DatasetError("cannot build an index from an empty dataset")
+    check_replaceable(Path(out_path))  # fail before the expensive extraction, not after it
     encoder = load_encoder(encoder_path, device=device)
     encoder_id = str(encoder.encoder_id)
+    index = FaissIndex(encoder.embedding_dim, factory)  # a bad factory string fails here too
     extraction = extract_embeddings(
         encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
     )
@@ -92,7 +94,6 @@ def build_index(
         examples = "; ".join(f"{path}: {reason}" for path, reason in extraction.skipped.skipped[:3])
         raise DatasetError(f"none of the {len(dataset)} images could be read (e.g. {examples})")
 
-    index = FaissIndex(encoder.embedding_dim, factory)
     index.train(extraction.embeddings)
     index.add(extraction.embeddings, extraction.indices)
     manifest = Manifest(

@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.text import Text
 from torch.utils.data import DataLoader
 
+from models.devices import resolve_device
 from models.encoder import Encoder
 from retrieval.data.datasets import LabelledImageDataset
 from retrieval.data.images import SkipReport
@@ -87,7 +88,7 @@ def extract_embeddings(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = torch.device(device)
+    device = resolve_device(device)
     transform = build_transforms(encoder.config.preprocess, train=False)
     loader = DataLoader(
         SkipCorrupt(dataset, transform),

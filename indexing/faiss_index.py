@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.config import ConfigError
+
 __all__ = ["NO_ID", "FaissIndex"]
 
 #: The id FAISS returns for an empty result slot; it can therefore never be an item id.
@@ -46,7 +48,7 @@ class FaissIndex:
         try:
             inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
-            raise ValueError(f"invalid FAISS index factory string {factory!r}: {exc}") from exc
+            raise ConfigError(f"invalid FAISS index factory string {factory!r}: {exc}") from exc
         self._index = faiss.IndexIDMap2(inner)
         self.factory = factory
 
@@ -91,7 +93,11 @@ class FaissIndex:
         """Train the underlying index on sample vectors; a no-op for indexes that need none ("Flat")."""
         if self.is_trained:
             return
-        self._index.train(self._check_vectors(vectors, "training vectors"))
+        vectors = self._check_vectors(vectors, "training vectors")
+        try:
+            self._index.train(vectors)
+        except RuntimeError as exc:  # e.g. fewer training vectors than IVF centroids
+            raise ConfigError(f"index {self.factory!r} cannot be trained on {len(vectors)} vectors: {exc}") from exc
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add L2-normalised vectors under the given int64 ids.

@@ -32,6 +32,7 @@ __all__ = [
     "SKIPPED_FILE",
     "IndexDirectory",
     "IndexFormatError",
+    "check_replaceable",
     "open_index_dir",
     "write_index_dir",
 ]
@@ -69,7 +70,7 @@ def write_index_dir(
             then left untouched.
     """
     path = Path(path)
-    _check_replaceable(path)
+    check_replaceable(path)
     if manifest.dim != index.dim:
         raise IndexFormatError(f"manifest dim {manifest.dim} does not match the index dimension {index.dim}")
     if manifest.count != index.ntotal:
@@ -92,7 +93,7 @@ def write_index_dir(
     return path
 
 
-def _check_replaceable(path: Path) -> None:
+def check_replaceable(path: Path) -> None:
     """Refuse to overwrite anything but an index directory: ``--out ~/photos`` must not delete photos."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise IndexFormatError(f"refusing to write an index at {path}: it exists and is not a directory")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from models.devices import resolve_device
 from models.encoder import Encoder, EncoderConfig
 from retrieval.atomic import atomic_directory
 from retrieval.errors import UserFacingError
@@ -108,6 +109,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    device = resolve_device(device)
     info = read_checkpoint_info(path)
     weights = info.path / WEIGHTS_FILE
     config = info.config.model_copy(update={"pretrained": False})  # the checkpoint holds the weights

@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from retrieval.errors import UserFacingError
 
-__all__ = ["ConfigError", "StrictModel", "apply_overrides", "load_config", "parse_override", "save_config"]
+__all__ = [
+    "ConfigError",
+    "StrictModel",
+    "apply_overrides",
+    "format_validation_error",
+    "load_config",
+    "parse_override",
+    "save_config",
+]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -98,7 +106,7 @@ def load_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from exc
+        raise ConfigError(format_validation_error(exc)) from exc
 
 
 def save_config(config: BaseModel, path: str | Path) -> None:
@@ -114,8 +122,9 @@ def _has_defaults(model: type[BaseModel]) -> bool:
     return True
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    lines = ["invalid config:"]
+def format_validation_error(exc: ValidationError, title: str = "invalid config:") -> str:
+    """One line per invalid field, ``  section.key: reason``, under ``title``."""
+    lines = [title]
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(root)"
         lines.append(f"  {where}: {err['msg']}")

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -22,14 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from indexing import IndexFormatError, Manifest
-from indexing.index_dir import MANIFEST_FILE
 from retrieval.data.images import CorruptImageError, decode_image_bytes
-from serving.engine import SearchEngine, resolve_query_encoder_path
+from serving.engine import SearchEngine
 from serving.limits import BodySizeLimitMiddleware, too_large_message
 from serving.settings import ServeSettings
 
-__all__ = ["create_app", "preflight", "serve"]
+__all__ = ["create_app", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +34,11 @@ logger = logging.getLogger(__name__)
 _MULTIPART_OVERHEAD = 64 * 1024
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
+def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> FastAPI:
     """Build the FastAPI application for ``settings`` (the engine is opened when the server starts).
+
+    An already opened ``engine`` may be handed in (the CLI opens it first to report errors cleanly);
+    the app then uses it instead of opening a second one, and closes it at shutdown.
 
     Endpoints:
         ``POST /v1/search``: multipart form with a file field ``image`` and an optional ``k``
@@ -49,13 +49,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = SearchEngine.open(settings.index, settings.query_encoder, runtime=settings.runtime)
-        logger.info("serving %r", engine)
-        app.state.engine = engine
+        opened = engine or SearchEngine.open(settings.index, settings.query_encoder, runtime=settings.runtime)
+        logger.info("serving %r", opened)
+        app.state.engine = opened
         try:
             yield
         finally:
-            engine.close()
+            opened.close()
 
     app = FastAPI(title="retrieval-engine", version="1", lifespan=lifespan)
     app.state.settings = settings
@@ -112,28 +112,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
-def preflight(settings: ServeSettings) -> Path:
-    """Check the configured paths cheaply (manifest only, no index load) before a server starts.
+def serve(settings: ServeSettings) -> None:
+    """Open the engine, then run the API with uvicorn on ``settings.host:settings.port`` until interrupted.
 
-    A wrong path then fails with one clear message instead of a start-up traceback from the lifespan.
-
-    Returns:
-        The query encoder path the server will use.
+    The engine is opened before uvicorn starts, so a wrong path or a mismatched query encoder fails here
+    with one clear message rather than as a start-up traceback from the lifespan, and the app then serves
+    with that engine instead of loading the index and the model a second time.
 
     Raises:
-        indexing.IndexFormatError: no readable index manifest at ``settings.index``.
-        serving.runtimes.QueryEncoderError: the query encoder cannot be found.
+        indexing.IndexFormatError: no readable index at ``settings.index``.
+        serving.runtimes.QueryEncoderError: the query encoder cannot be found or opened.
+        serving.engine.EncoderMismatchError: the query encoder does not embed into the index's space.
     """
-    manifest_file = Path(settings.index) / MANIFEST_FILE
-    if not Path(settings.index).is_dir():
-        raise IndexFormatError(f"index directory not found: {settings.index}")
-    manifest = Manifest.read(manifest_file)
-    return resolve_query_encoder_path(settings.index, manifest, settings.query_encoder)
-
-
-def serve(settings: ServeSettings) -> None:
-    """Check the paths, then run the API with uvicorn on ``settings.host:settings.port`` until interrupted."""
     import uvicorn
 
-    preflight(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    engine = SearchEngine.open(settings.index, settings.query_encoder, runtime=settings.runtime)
+    uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port)

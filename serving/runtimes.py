@@ -107,12 +107,11 @@ class TorchQueryEncoder(_PreprocessingEncoder):
     """
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        import torch
-
         from models.checkpoint import load_encoder
+        from models.devices import resolve_device
 
         self.path = Path(path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")
         self.encoder = load_encoder(self.path, device=self.device)
         config = self.encoder.config
         self.encoder_id = str(self.encoder.encoder_id)

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from models.checkpoint import save_encoder
+from models.devices import resolve_device
 from models.encoder import Encoder
-from retrieval.config import ConfigError, save_config
+from retrieval.config import save_config
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.sampler import PKBatchSampler
 from retrieval.data.transforms import build_transforms
@@ -55,7 +56,7 @@ from training.metrics_log import MetricsLog
 from training.optim import build_optimizer, build_scheduler
 from training.progress import TrainProgress
 
-__all__ = ["TrainResult", "Trainer", "resolve_device", "train"]
+__all__ = ["TrainResult", "Trainer", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +108,6 @@ class TrainResult:
             "encoder_path": str(self.encoder_path),
             "encoder_id": self.encoder_id,
         }
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was requested but no CUDA device is visible; use device: cpu or auto")
-    return torch.device(name)
 
 
 class Trainer:

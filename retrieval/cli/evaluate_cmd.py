@@ -25,16 +25,18 @@ def recall(
     with user_errors():
         from indexing.extract import extract_embeddings
         from models import load_encoder
-        from retrieval.data.datasets import open_dataset
-        from retrieval.evaluation.protocols import evaluate_embeddings
+        from retrieval.data.datasets import DatasetError, open_dataset
+        from retrieval.evaluation.protocols import check_report_ks, evaluate_embeddings
 
         try:
-            k_values = tuple(int(k) for k in ks.split(","))
-        except ValueError:
-            raise typer.BadParameter(f"--ks must be comma-separated integers, got {ks!r}") from None
+            k_values = check_report_ks([int(k) for k in ks.split(",")])
+        except ValueError as exc:
+            raise typer.BadParameter(f"--ks must be distinct positive integers separated by commas ({exc})") from None
         dataset = open_dataset(images)
         model = load_encoder(encoder, device=device)
         extraction = extract_embeddings(model, dataset, batch_size=batch_size, device=device, progress=not as_json)
+        if len(extraction) < 2:
+            raise DatasetError(f"{images}: {len(extraction)} readable image(s); leave-one-out retrieval needs two")
         labels = dataset.labels[extraction.indices]
         report = evaluate_embeddings(extraction.embeddings, labels, schema=dataset.schema, ks=k_values)
     if as_json:

@@ -69,5 +69,6 @@ def _print_summary(result: dict[str, Any]) -> None:
     )
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
+def _pct(value: float | None) -> str:
+    """A fraction as a percentage; ``None`` (a level where no query had a relevant item) as n/a."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"

@@ -129,10 +129,10 @@ class _timed:
 
 
 def _write_dataset(config: Any, out: Path) -> Path:
-    """Write the synthetic splits as files; the trainer regenerates the same images in memory."""
+    """Write the test split as files (the gallery); the trainer renders train and val in memory."""
     from retrieval.data.synthetic import write_synthetic
 
-    written = write_synthetic(config.data.synthetic, out, overwrite=True)
+    written = write_synthetic(config.data.synthetic, out, overwrite=True, splits=["test"])
     return Path(written["test"])
 
 
@@ -156,8 +156,8 @@ def _evaluate(index_path: Path, gallery: Any, seed: int) -> tuple[dict[str, Any]
     from indexing.index_dir import open_index_dir
     from retrieval.evaluation.protocols import evaluate_embeddings
 
-    index = open_index_dir(index_path)
-    ids, vectors = index.index.reconstruct_all()
+    with open_index_dir(index_path) as index:
+        ids, vectors = index.index.reconstruct_all()
     labels = gallery.labels[ids]
     report = evaluate_embeddings(vectors, labels, schema=gallery.schema)
     rng = np.random.default_rng(seed)
@@ -188,10 +188,10 @@ def _sample_searches(
     from serving.contact_sheet import render_contact_sheet
     from serving.engine import SearchEngine
 
-    engine = SearchEngine.open(index_path, onnx_path)
     picks = _pick_queries(gallery, options.num_queries, options.seed)
     images = [gallery.load_image(i) for i in picks]
-    raw = engine.search(images, k=options.top_k + 1)
+    with SearchEngine.open(index_path, onnx_path) as engine:
+        raw = engine.search(images, k=options.top_k + 1)
     results = [r.without_ids({i}).top(options.top_k) for r, i in zip(raw, picks, strict=True)]
     samples = [
         {"query": gallery.names[i], "labels": gallery.label_names(i), **r.to_dict()}

@@ -26,14 +26,14 @@ def search(
         from retrieval.data.images import CorruptImageError, load_image
         from serving.engine import SearchEngine
 
-        engine = SearchEngine.open(index, query_encoder)
         loaded, failures = [], []
         for path in images:
             try:
                 loaded.append((path, load_image(path)))
             except CorruptImageError as exc:
                 failures.append({"query": str(path), "error": str(exc)})
-        results = engine.search([img for _, img in loaded], k=k) if loaded else []
+        with SearchEngine.open(index, query_encoder) as engine:
+            results = engine.search([img for _, img in loaded], k=k) if loaded else []
     payload = [{"query": str(p), **r.to_dict()} for (p, _), r in zip(loaded, results, strict=True)]
     if as_json:
         print_json({"results": payload, "errors": failures})

@@ -19,11 +19,14 @@ def serve(
 ) -> None:
     """Serve POST /v1/search (multipart image upload) and GET /v1/healthz with uvicorn."""
     with user_errors():
+        from pydantic import ValidationError
+
+        from retrieval.config import ConfigError, format_validation_error
         from serving.app import serve as run_server
-        from serving.engine import SearchEngine
         from serving.settings import ServeSettings
 
-        settings = ServeSettings(index=index, query_encoder=query_encoder, host=host, port=port)
-        # Open once here so a wrong path or a mismatched encoder is one clear error, not a lifespan traceback.
-        SearchEngine.open(settings.index, settings.query_encoder).close()
+        try:  # RETRIEVAL_* environment variables are read and validated here too
+            settings = ServeSettings(index=index, query_encoder=query_encoder, host=host, port=port)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "invalid server settings:")) from None
         run_server(settings)

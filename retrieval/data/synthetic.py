@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -230,8 +231,10 @@ def generate_synthetic(cfg: SyntheticConfig | None = None) -> SyntheticSplits:
     return SyntheticSplits(**{split: generate_split(cfg, split) for split in SPLITS})
 
 
-def write_synthetic(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write every split as image files plus ``<out_dir>/<split>/labels.csv`` (``path,fine,middle,coarse``).
+def write_synthetic(
+    cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False, splits: Sequence[str] = SPLITS
+) -> dict[str, Path]:
+    """Write the splits as image files plus ``<out_dir>/<split>/labels.csv`` (``path,fine,middle,coarse``).
 
     Paths in the CSV are relative to the CSV's folder (``<fine>/<kkkk>.png``), so the folder can be moved.
     The config is saved as ``<out_dir>/synthetic.yaml`` so the data can be regenerated exactly.
@@ -241,6 +244,7 @@ def write_synthetic(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool =
         out_dir: destination folder (created if needed).
         overwrite: allow writing over an existing ``labels.csv``; without it, an existing dataset is an error
             rather than silently mixed with new files.
+        splits: which of ``train``, ``val``, ``test`` to write (all by default).
 
     Returns:
         ``{split: path of its labels.csv}``.
@@ -249,14 +253,15 @@ def write_synthetic(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool =
         DatasetError: a split folder already holds a ``labels.csv`` and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
+    splits = [_check_split(s) for s in splits]
     if not overwrite:
-        existing = [out_dir / s / "labels.csv" for s in SPLITS if (out_dir / s / "labels.csv").exists()]
+        existing = [out_dir / s / "labels.csv" for s in splits if (out_dir / s / "labels.csv").exists()]
         if existing:
             raise DatasetError(f"{existing[0]} already exists; choose another folder or pass overwrite=True")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "synthetic.yaml")
     csv_paths = {}
-    for split in SPLITS:
+    for split in splits:
         csv_paths[split] = _write_split(generate_split(cfg, split), out_dir / split, split, cfg.image_format)
         logger.info("wrote %s split to %s", split, csv_paths[split])
     return csv_paths

@@ -25,7 +25,7 @@ from retrieval.evaluation.metrics import (
 )
 from retrieval.evaluation.report import EvaluationReport
 
-__all__ = ["evaluate_embeddings"]
+__all__ = ["check_report_ks", "evaluate_embeddings"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def evaluate_embeddings(
     columns = schema.select(levels)
     if not columns:
         raise ValueError("levels is empty; name at least one level to evaluate (or pass None for all)")
-    ks = _check_unique_ks(ks)
+    ks = check_report_ks(ks)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     _warn_if_not_normalised(queries, "query_emb")
@@ -245,7 +245,8 @@ def _resolve_schema(schema: LabelSchema | Sequence[str] | None, num_columns: int
     return schema
 
 
-def _check_unique_ks(ks: Sequence[int]) -> list[int]:
+def check_report_ks(ks: Sequence[int]) -> list[int]:
+    """Validate the K values of a report: positive integers, at least one, none repeated (they name columns)."""
     ks = check_ks(ks)
     if len(set(ks)) != len(ks):
         raise ValueError(f"ks must not repeat a value, got {ks}")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from retrieval.cli.main import app
@@ -63,8 +64,17 @@ def test_bad_inputs_are_one_line_errors(synth_dir, tiny_checkpoint, tmp_path):
         (["export", "--encoder", str(tmp_path), "--out", str(tmp_path / "x.onnx")], "not an encoder checkpoint"),
         (["train", "--config", "no-such-recipe"], "no-such-recipe"),
         (["train", "--set", "optim.lrr=1"], "optim.lrr"),
+        (["evaluate", "recall", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir), "--ks", "5,5"], "--ks"),
     ]
+    if not torch.cuda.is_available():
+        build = ["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir / "test")]
+        cases.append(([*build, "--out", str(tmp_path / "i"), "--device", "cuda:7"], "cuda:7"))
     for args, expected in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output and "Traceback" not in result.output, (args, result.output)
+
+
+def test_serve_reports_invalid_environment_settings(tmp_path):
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path)], env={"RETRIEVAL_MAX_K": "0"})
+    assert result.exit_code == 2 and "invalid server settings" in result.output and "max_k" in result.output

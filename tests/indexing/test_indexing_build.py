@@ -103,3 +103,21 @@ def test_build_index_refuses_a_gallery_with_no_readable_image(tiny_checkpoint, g
     with pytest.raises(ValueError, match="none of the 1 images could be read"):
         build_index(tiny_checkpoint, dataset, tmp_path / "index", progress=False)
     assert not (tmp_path / "index").exists()
+
+
+def test_build_index_rejects_bad_factories_and_outputs_clearly(tiny_checkpoint, gallery, tmp_path):
+    from indexing import IndexFormatError
+    from retrieval.config import ConfigError
+
+    dataset = CsvImageDataset(gallery)
+    with pytest.raises(ConfigError, match="invalid FAISS index factory string 'Bogus'"):
+        build_index(tiny_checkpoint, dataset, tmp_path / "a", factory="Bogus", progress=False)
+    with pytest.raises(ConfigError, match="cannot be trained on"):  # more centroids than vectors
+        build_index(tiny_checkpoint, dataset, tmp_path / "b", factory="IVF4096,Flat", progress=False)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "keep.jpg").write_bytes(b"precious")
+    with pytest.raises(IndexFormatError, match="does not look like an index"):
+        build_index(tiny_checkpoint, dataset, photos, progress=False)
+    assert (photos / "keep.jpg").read_bytes() == b"precious"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -122,3 +122,16 @@ def test_local_backbone_weights_are_loaded(tmp_path):
         loaded = create_backbone("resnet10t", weights=tmp_path / name)
         for key, value in source.state_dict().items():
             torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_device_names_resolve_or_fail_clearly():
+    from models.devices import resolve_device
+    from retrieval.config import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device is visible"):
+            resolve_device("cuda:1")

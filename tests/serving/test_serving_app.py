@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from indexing import IndexFormatError
 from retrieval.data.datasets import CsvImageDataset
-from serving.app import create_app, preflight
+from serving.app import create_app, serve
+from serving.engine import EncoderMismatchError
 from serving.runtimes import QueryEncoderError
 from serving.settings import ServeSettings
 
@@ -192,11 +193,12 @@ def test_validation_errors_do_not_echo_the_input(client):
     assert "secret" not in response.text
 
 
-def test_preflight_reports_wrong_paths_before_starting(serving_index, tiny_checkpoint, tmp_path):
-    assert preflight(ServeSettings(index=serving_index)) == tiny_checkpoint.resolve()
+def test_serve_reports_wrong_paths_before_starting(serving_index, other_checkpoint, tmp_path):
     with pytest.raises(IndexFormatError, match="index directory not found"):
-        preflight(ServeSettings(index=tmp_path / "nowhere"))
-    with pytest.raises(IndexFormatError, match="manifest not found"):
-        preflight(ServeSettings(index=tmp_path))
+        serve(ServeSettings(index=tmp_path / "nowhere"))
+    with pytest.raises(IndexFormatError, match=r"manifest\.json is missing"):
+        serve(ServeSettings(index=tmp_path))
     with pytest.raises(QueryEncoderError, match="query encoder not found"):
-        preflight(ServeSettings(index=serving_index, query_encoder=tmp_path / "model.onnx"))
+        serve(ServeSettings(index=serving_index, query_encoder=tmp_path / "model.onnx"))
+    with pytest.raises(EncoderMismatchError):
+        serve(ServeSettings(index=serving_index, query_encoder=other_checkpoint))
