@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader
 from models.checkpoint import save_encoder
 from models.devices import resolve_device
 from models.encoder import Encoder
-from retrieval.config import save_config
+from retrieval.config import ConfigError, save_config
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
+from retrieval.data.labels import class_parents
 from retrieval.data.sampler import PKBatchSampler
 from retrieval.data.transforms import build_transforms
 from retrieval.evaluation.protocols import evaluate_embeddings
@@ -51,7 +52,7 @@ from training.checkpoints import (
     save_training_checkpoint,
 )
 from training.config import TrainConfig
-from training.losses import create_loss
+from training.losses import create_loss, needs_hierarchy
 from training.metrics_log import MetricsLog
 from training.optim import build_optimizer, build_scheduler
 from training.progress import TrainProgress
@@ -175,10 +176,20 @@ class Trainer:
     def _build_loss(self) -> torch.nn.Module:
         schema, vocab = self.train_dataset.schema, self.train_dataset.vocab
         params = dict(self.config.loss.params)
+        if "hierarchy" in params:
+            raise ConfigError("loss.params.hierarchy is not a setting: the class tree is read from the training labels")
         if params.get("levels") is not None:  # level names from a recipe -> label columns
             params["levels"] = [schema.index(v) if isinstance(v, str) else v for v in params["levels"]]
         num_classes = [vocab.num_classes(k) for k in range(schema.num_levels)]
-        return create_loss(self.config.loss.name, num_classes, self.config.model.embedding_dim, **params)
+        hierarchy = None
+        if needs_hierarchy(self.config.loss.name):  # the class tree, read once from the training labels
+            try:
+                hierarchy = class_parents(self.train_dataset.labels, num_classes[0])
+            except ValueError as exc:
+                raise DatasetError(f"loss {self.config.loss.name!r} needs nested labels: {exc}") from None
+        return create_loss(
+            self.config.loss.name, num_classes, self.config.model.embedding_dim, hierarchy=hierarchy, **params
+        )
 
     # ------------------------------------------------------------------ public API
 

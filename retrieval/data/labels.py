@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DEFAULT_LEVELS", "LabelSchema", "LabelVocabulary"]
+__all__ = ["DEFAULT_LEVELS", "LabelSchema", "LabelVocabulary", "class_parents"]
 
 DEFAULT_LEVELS: tuple[str, ...] = ("fine", "middle", "coarse")
 
@@ -91,3 +91,36 @@ class LabelVocabulary:
     def num_classes(self, level: str | int) -> int:
         k = self.schema.index(level) if isinstance(level, str) else level
         return len(self.names[k])
+
+
+def class_parents(labels: np.ndarray, num_fine_classes: int | None = None) -> np.ndarray:
+    """The class tree as an ``(C_fine, L)`` int64 table: row ``f`` holds fine class ``f``'s id at every level.
+
+    Losses that share fine-class proxies across levels (Cross-Scale Learning) need to know, for every
+    proxy, which middle and coarse class it belongs to, including classes absent from the current batch;
+    this table is that knowledge, read once from the training labels. Column 0 is ``arange(C_fine)``.
+
+    Args:
+        labels: ``(N, L)`` integer labels, finest first; the levels must nest.
+        num_fine_classes: number of fine classes (default ``labels[:, 0].max() + 1``); every fine class
+            below it must occur in ``labels``.
+
+    Raises:
+        ValueError: labels that are not ``(N, L)`` integers, that do not nest, or a fine class that never occurs.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2 or labels.shape[0] == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty (N, L) integer array, got shape {labels.shape}, {labels.dtype}")
+    if labels.min() < 0:
+        raise ValueError("labels must be non-negative class ids")
+    count = int(labels[:, 0].max()) + 1 if num_fine_classes is None else int(num_fine_classes)
+    parents = np.full((count, labels.shape[1]), -1, dtype=np.int64)
+    parents[labels[:, 0]] = labels  # any row of a fine class gives its parents; check they all agree
+    if (parents[labels[:, 0]] != labels).any():
+        raise ValueError("labels do not nest: a fine class has several parents at a coarser level")
+    missing = np.flatnonzero(parents[:, 0] < 0)
+    if missing.size:
+        raise ValueError(f"fine class {int(missing[0])} has no labelled example; its parents are unknown")
+    return parents

@@ -4,6 +4,10 @@ Every loss is built the same way, ``builder(num_classes, embedding_dim, **params
 ``num_classes`` lists the number of classes per label level (finest first). A loss that needs
 only one level or none (pair-based losses) simply ignores what it does not use; this uniform
 signature is what lets a YAML recipe name any loss without the trainer knowing its type.
+
+A loss that needs the class tree (which middle and coarse class each fine class belongs to, as Cross-
+Scale Learning does for its shared proxies) declares a ``hierarchy`` keyword; ``create_loss`` passes
+the ``(C_fine, L)`` table of :func:`retrieval.data.labels.class_parents` to it and to no other loss.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from retrieval.config import ConfigError
 from retrieval.registry import Registry
 
-__all__ = ["LOSSES", "LossBuilder", "create_loss"]
+__all__ = ["LOSSES", "LossBuilder", "available_losses", "create_loss", "needs_hierarchy"]
 
 LossBuilder = Callable[..., nn.Module]
 
@@ -26,7 +31,11 @@ LossBuilder = Callable[..., nn.Module]
 LOSSES: Registry[LossBuilder] = Registry("loss")
 
 # Modules whose import registers the built-in losses; a new loss family adds its module here.
-_BUILTIN_MODULES: tuple[str, ...] = ("training.losses.classification",)
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "training.losses.classification",
+    "training.losses.pair",
+    "training.losses.csl",
+)
 
 
 def _register_builtins() -> None:
@@ -34,13 +43,34 @@ def _register_builtins() -> None:
         importlib.import_module(module)
 
 
-def create_loss(name: str, num_classes: Sequence[int], embedding_dim: int, **params: Any) -> nn.Module:
+def available_losses() -> list[str]:
+    """Names of every registered loss, the built-in ones included (sorted)."""
+    _register_builtins()
+    return sorted(LOSSES.names())
+
+
+def needs_hierarchy(name: str) -> bool:
+    """Whether the loss ``name`` needs the class tree (it declares a ``hierarchy`` parameter)."""
+    _register_builtins()
+    return "hierarchy" in inspect.signature(LOSSES.get(name)).parameters
+
+
+def create_loss(
+    name: str,
+    num_classes: Sequence[int],
+    embedding_dim: int,
+    *,
+    hierarchy: np.ndarray | None = None,
+    **params: Any,
+) -> nn.Module:
     """Build the loss registered as ``name``.
 
     Args:
         name: registered loss name (see ``LOSSES.names()``), e.g. ``"multiscale_cosface"``.
         num_classes: number of classes at each label level, finest first (one entry per label column).
         embedding_dim: dimension of the embeddings the loss receives.
+        hierarchy: ``(C_fine, L)`` parent ids of every fine class (``class_parents``); required by the
+            losses that declare a ``hierarchy`` parameter, ignored by the others.
         **params: loss-specific hyper-parameters from the recipe's ``loss.params``.
 
     Raises:
@@ -54,6 +84,10 @@ def create_loss(name: str, num_classes: Sequence[int], embedding_dim: int, **par
     if embedding_dim < 1:
         raise ConfigError(f"loss {name!r}: embedding_dim must be positive, got {embedding_dim}")
     args = ([int(c) for c in num_classes], int(embedding_dim))
+    if needs_hierarchy(name):
+        if hierarchy is None:
+            raise ConfigError(f"loss {name!r} needs the class hierarchy (fine -> coarser labels); pass hierarchy=")
+        params = {**params, "hierarchy": hierarchy}
     try:
         inspect.signature(builder).bind(*args, **params)
     except TypeError as exc:  # an unknown or missing keyword in a recipe
