@@ -65,10 +65,25 @@ class LossConfig(StrictModel):
 
 
 class SamplerConfig(StrictModel):
-    """P x K batches over the finest level: P classes, K images each (batch size P * K)."""
+    """P x K batches over the finest level: P classes, K images each (batch size P * K).
+
+    Attributes:
+        siblings: draw the P fine classes in groups of this many that share a class at ``parent_level``
+            (``retrieval.data.sampler.HierarchicalPKSampler``); 1 draws them independently. Siblings in a
+            batch are the hard negatives that teach the finer levels apart.
+        parent_level: the label level whose classes group the siblings (``middle`` by default).
+    """
 
     classes_per_batch: int = Field(16, ge=1)
     images_per_class: int = Field(4, ge=1)
+    siblings: int = Field(1, ge=1)
+    parent_level: str = "middle"
+
+    @model_validator(mode="after")
+    def _siblings_fit_the_batch(self) -> SamplerConfig:
+        if self.siblings > self.classes_per_batch:
+            raise ValueError(f"siblings ({self.siblings}) cannot exceed classes_per_batch ({self.classes_per_batch})")
+        return self
 
 
 class OptimConfig(StrictModel):

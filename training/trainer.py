@@ -39,7 +39,7 @@ from models.encoder import Encoder
 from retrieval.config import ConfigError, save_config
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.labels import class_parents
-from retrieval.data.sampler import PKBatchSampler
+from retrieval.data.sampler import HierarchicalPKSampler, PKBatchSampler
 from retrieval.data.transforms import build_transforms
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
@@ -158,12 +158,7 @@ class Trainer:
         self.use_amp = config.amp and self.device.type == "cuda"
         self.amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.sampler = PKBatchSampler(
-            train_dataset.level_labels(0),
-            config.sampler.classes_per_batch,
-            config.sampler.images_per_class,
-            seed=config.seed,
-        )
+        self.sampler = _build_sampler(config, train_dataset)
         self.train_transform = build_transforms(self.config.model.preprocess, train=True, augment=config.augment)
         self.eval_transform = build_transforms(self.config.model.preprocess, train=False)
         self.step = 0
@@ -461,6 +456,27 @@ def _check_datasets(train: LabelledImageDataset, val: LabelledImageDataset | Non
         raise DatasetError(f"validation levels {val.schema.levels} differ from training levels {train.schema.levels}")
     if len(val) < 2:
         raise DatasetError(f"the validation dataset needs at least 2 images for leave-one-out, got {len(val)}")
+
+
+def _build_sampler(config: TrainConfig, dataset: LabelledImageDataset) -> PKBatchSampler:
+    """Plain P x K over the fine classes, or sibling groups under a parent level when ``sampler.siblings > 1``."""
+    cfg = config.sampler
+    if cfg.siblings == 1:
+        return PKBatchSampler(dataset.level_labels(0), cfg.classes_per_batch, cfg.images_per_class, seed=config.seed)
+    try:
+        parent_level = dataset.schema.index(cfg.parent_level)
+    except ValueError as exc:
+        raise ConfigError(f"sampler.parent_level: {exc}") from None
+    if parent_level == 0:
+        raise ConfigError("sampler.parent_level must be coarser than the finest level")
+    return HierarchicalPKSampler(
+        dataset.labels,
+        cfg.classes_per_batch,
+        cfg.images_per_class,
+        siblings=cfg.siblings,
+        parent_level=parent_level,
+        seed=config.seed,
+    )
 
 
 def _seed_everything(seed: int) -> None:

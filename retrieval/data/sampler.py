@@ -3,19 +3,27 @@
 Metric-learning losses need positives inside the batch; a random batch over many classes has almost
 none. Sampling P classes and K images per class guarantees ``K - 1`` positives per anchor. The order is
 a pure function of ``(seed, epoch)`` so a resumed run replays the same batches.
+
+:class:`HierarchicalPKSampler` also controls how the P fine classes relate: drawn in groups of siblings
+that share a middle (or coarse) parent, a batch holds hard negatives at every level (two fine classes
+of one middle class are the hardest fine negatives) instead of mostly unrelated classes.
+
+Both shard the batch stream for distributed training: with ``world_size`` ranks, the global sequence
+of ``num_batches * world_size`` batches is dealt out round-robin, so ranks never share a batch and
+their union is exactly the single-process stream.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from retrieval.config import ConfigError
 
-__all__ = ["PKBatchSampler"]
+__all__ = ["HierarchicalPKSampler", "PKBatchSampler"]
 
 
 class PKBatchSampler(Sampler[list[int]]):
@@ -33,8 +41,10 @@ class PKBatchSampler(Sampler[list[int]]):
         labels: ``(N,)`` integer class of each item at the level used for sampling (usually the finest).
         classes_per_batch: P, distinct classes per batch.
         images_per_class: K, images per class in a batch.
-        num_batches: batches per epoch; default ``N // (P * K)`` (at least 1).
-        seed: base seed; batches depend only on ``(seed, epoch)``.
+        num_batches: batches per epoch and rank; default ``N // (P * K * world_size)`` (at least 1).
+        seed: base seed; batches depend only on ``(seed, epoch)`` (and the rank).
+        rank: this process's rank in distributed training (0-based).
+        world_size: number of ranks sharing the stream.
 
     Raises:
         ValueError: labels are not 1-D or empty, P or K < 1, or P exceeds the number of classes.
@@ -47,6 +57,8 @@ class PKBatchSampler(Sampler[list[int]]):
         images_per_class: int,
         num_batches: int | None = None,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1:
@@ -62,14 +74,19 @@ class PKBatchSampler(Sampler[list[int]]):
             raise ConfigError(f"classes_per_batch={classes_per_batch} exceeds the number of classes ({len(classes)})")
         if num_batches is not None and num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank={rank}, {world_size=}")
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1]
         self._pools: list[np.ndarray] = np.split(order, bounds)
         self.classes_per_batch = classes_per_batch
         self.images_per_class = images_per_class
         self.batch_size = classes_per_batch * images_per_class
-        self.num_batches = num_batches if num_batches is not None else max(1, len(labels) // self.batch_size)
+        per_rank = len(labels) // (self.batch_size * world_size)
+        self.num_batches = num_batches if num_batches is not None else max(1, per_rank)
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     @property
@@ -86,9 +103,19 @@ class PKBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         queues: list[deque[int]] = [deque() for _ in self._pools]
+        choose = self._class_chooser(rng)
+        for position in range(self.num_batches * self.world_size):
+            chosen = choose()  # every rank draws every batch, so all ranks stay in step with one RNG stream
+            batch = [index for c in chosen for index in self._draw(c, queues, rng)]
+            if position % self.world_size == self.rank:
+                yield batch
+
+    def _class_chooser(self, rng: np.random.Generator) -> Callable[[], list[int]]:
+        """A function returning the next batch's P distinct classes (indices into the class pools)."""
         class_queue: list[int] = []
-        for _ in range(self.num_batches):
-            batch: list[int] = []
+
+        def choose() -> list[int]:
+            nonlocal class_queue
             chosen: list[int] = []
             while len(chosen) < self.classes_per_batch:
                 if not class_queue:
@@ -96,9 +123,9 @@ class PKBatchSampler(Sampler[list[int]]):
                 c = class_queue.pop()
                 if c not in chosen:  # a class can straddle a reshuffle; never put it twice in one batch
                     chosen.append(c)
-            for c in chosen:
-                batch.extend(self._draw(c, queues, rng))
-            yield batch
+            return chosen
+
+        return choose
 
     def _draw(self, c: int, queues: list[deque[int]], rng: np.random.Generator) -> list[int]:
         pool, k = self._pools[c], self.images_per_class
@@ -114,4 +141,93 @@ class PKBatchSampler(Sampler[list[int]]):
             index = queue.popleft()
             (deferred if index in taken else taken).append(index)  # never twice in one batch
         queue.extendleft(reversed(deferred))
+        return taken
+
+
+class HierarchicalPKSampler(PKBatchSampler):
+    """P fine classes x K images per batch, the fine classes drawn in groups of siblings.
+
+    Each batch is built from groups: a parent class at ``parent_level`` is picked (parents in a shuffled
+    round-robin), then up to ``siblings`` of its fine classes (its children in their own shuffled
+    round-robin), until the batch has P fine classes. ``siblings=1`` gives P unrelated-by-construction
+    classes; larger values give more fine negatives that share a middle/coarse class, the negatives
+    that separate neighbouring levels. A parent with fewer fine classes than ``siblings`` gives all it has.
+    Images are drawn per class as in :class:`PKBatchSampler`.
+
+    Args:
+        labels: ``(N, L)`` integer labels, finest first (the levels must nest).
+        classes_per_batch: P, distinct fine classes per batch.
+        images_per_class: K, images per fine class.
+        siblings: fine classes per parent group (at most P).
+        parent_level: label column whose classes group the fine classes (1 = middle, 2 = coarse...).
+        num_batches, seed, rank, world_size: as for :class:`PKBatchSampler`.
+
+    Raises:
+        ValueError: labels not ``(N, L)`` with ``L > parent_level``, non-nesting labels, bad ``siblings``.
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        classes_per_batch: int,
+        images_per_class: int,
+        siblings: int = 2,
+        parent_level: int = 1,
+        num_batches: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        labels = np.asarray(labels)
+        if labels.ndim != 2 or not 0 < parent_level < labels.shape[1]:
+            raise ValueError(
+                f"labels must be (N, L) with a parent level in [1, L); got shape {labels.shape}, {parent_level=}"
+            )
+        if not 1 <= siblings <= classes_per_batch:
+            raise ValueError(f"siblings must lie in [1, classes_per_batch={classes_per_batch}], got {siblings}")
+        super().__init__(labels[:, 0], classes_per_batch, images_per_class, num_batches, seed, rank, world_size)
+        fine_ids = np.unique(labels[:, 0])  # pool c holds fine class fine_ids[c]
+        pairs = np.unique(labels[:, [0, parent_level]], axis=0)
+        if len(pairs) != len(fine_ids):
+            raise ValueError(f"labels do not nest: a fine class has several parents at level {parent_level}")
+        parent_of_pool = pairs[np.searchsorted(pairs[:, 0], fine_ids), 1]
+        parents, inverse = np.unique(parent_of_pool, return_inverse=True)
+        self._children: list[np.ndarray] = [np.flatnonzero(inverse == p) for p in range(len(parents))]
+        self.siblings = siblings
+        self.parent_level = parent_level
+
+    def _class_chooser(self, rng: np.random.Generator) -> Callable[[], list[int]]:
+        parent_queue: list[int] = []
+        child_queues: list[list[int]] = [[] for _ in self._children]
+
+        def choose() -> list[int]:
+            nonlocal parent_queue
+            chosen: list[int] = []
+            while len(chosen) < self.classes_per_batch:
+                if not parent_queue:
+                    parent_queue = rng.permutation(len(self._children)).tolist()
+                parent = parent_queue.pop()
+                wanted = min(self.siblings, self.classes_per_batch - len(chosen))
+                chosen.extend(self._take_children(parent, wanted, child_queues, chosen, rng))
+            return chosen
+
+        return choose
+
+    def _take_children(
+        self, parent: int, wanted: int, queues: list[list[int]], chosen: list[int], rng: np.random.Generator
+    ) -> list[int]:
+        children = self._children[parent]
+        available = [c for c in children.tolist() if c not in chosen]
+        wanted = min(wanted, len(available))
+        taken: list[int] = []
+        refilled = False
+        while len(taken) < wanted:
+            if not queues[parent]:
+                if refilled:  # every available child was already tried in this call
+                    break
+                queues[parent] = rng.permutation(children).tolist()
+                refilled = True
+            c = queues[parent].pop()
+            if c not in chosen and c not in taken:
+                taken.append(c)
         return taken

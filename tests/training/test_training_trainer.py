@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from models.checkpoint import load_encoder
 from retrieval.config import load_config
-from retrieval.data.sampler import PKBatchSampler
+from retrieval.data.sampler import HierarchicalPKSampler, PKBatchSampler
 from retrieval.data.synthetic import SyntheticConfig, generate_split
 from training.batches import SeededSamples, step_batches
 from training.checkpoints import TRAIN_STATE_FILE, capture_rng_state, restore_rng_state
@@ -187,6 +189,44 @@ def test_bad_setups_fail_with_clear_messages(tiny_data, tmp_path):
         Trainer(_config(sampler__classes_per_batch=1000), train, val, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown label level 'tiny'"):
         Trainer(_config(loss__params={"levels": ["tiny"]}), train, val, out_dir=tmp_path, progress=False)
-    with pytest.raises(KeyError, match="unknown loss 'nope'; valid names: multiscale_cosface"):
+    with pytest.raises(KeyError, match=r"unknown loss 'nope'; valid names: csl, .*multiscale_cosface"):
         Trainer(_config(loss__name="nope"), train, val, out_dir=tmp_path, progress=False)
     assert json.loads(_config().model_dump_json())["device"] == "cpu"
+
+
+def test_csl_with_sibling_batches_trains_and_resumes_exactly(tiny_data, tmp_path):
+    """CSL reads the class tree from the data; sibling batches and resume stay a pure function of the step."""
+    train, _ = tiny_data
+    overrides = {
+        "loss__name": "csl",
+        "sampler__siblings": 2,
+        "sampler__classes_per_batch": 4,
+        "schedule__max_steps": 6,
+        "schedule__warmup_steps": 1,
+    }
+    trainer = Trainer(_config(**overrides), train, None, out_dir=tmp_path / "straight", progress=False)
+    assert isinstance(trainer.sampler, HierarchicalPKSampler)
+    batch = next(iter(trainer.sampler))
+    middle = train.labels[batch, 1].reshape(4, -1)[:, 0]
+    assert middle[0] == middle[1] and middle[2] == middle[3]
+    straight = trainer.fit()
+    assert straight.final_loss is not None and math.isfinite(straight.final_loss)
+
+    first = Trainer(_config(**overrides), train, None, out_dir=tmp_path / "resumed", progress=False)
+    first.fit(stop_at_step=3)
+    resumed = Trainer(_config(**overrides), train, None, out_dir=tmp_path / "resumed", progress=False).fit()
+    a = load_file(straight.encoder_path / "model.safetensors")
+    b = load_file(resumed.encoder_path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sibling_sampler_needs_a_coarser_parent_level(tiny_data, tmp_path):
+    train, _ = tiny_data
+    with pytest.raises(ValueError, match="parent_level"):
+        Trainer(
+            _config(sampler__siblings=2, sampler__parent_level="fine"), train, None, out_dir=tmp_path, progress=False
+        )
+    with pytest.raises(ValueError, match="parent_level"):
+        Trainer(
+            _config(sampler__siblings=2, sampler__parent_level="size"), train, None, out_dir=tmp_path, progress=False
+        )
