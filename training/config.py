@@ -32,25 +32,33 @@ class DataConfig(StrictModel):
 
     Attributes:
         source: ``"synthetic"`` generates the built-in hierarchical dataset in memory (no files needed);
-            ``"csv"`` reads labelled image lists.
+            ``"csv"`` reads labelled image lists; ``"dyml"`` reads an official DyML release (``dyml_root``).
         synthetic: generator settings for ``source: synthetic`` (its train and val splits are used).
         train_csv: training CSV (``path`` + level columns), or a folder holding ``labels.csv``.
-        val_csv: optional validation CSV; without it the run is not evaluated.
+        val_csv: optional validation CSV; without it the run is not evaluated. DyML ships no validation
+            split (its test sets are for ``retrieval evaluate dyml``), so ``dyml`` runs validate only on this.
+        dyml_root: the DyML-Vehicle/Animal/Product dataset root for ``source: dyml``; training reads
+            ``train/label.csv`` and ``train/imgs/`` (see ``retrieval.data.dyml``), always at all three levels.
         levels: label columns to read from the CSVs, finest first; default all of fine/middle/coarse present.
         num_workers: DataLoader worker processes (0 decodes in the training process).
     """
 
-    source: Literal["synthetic", "csv"] = "synthetic"
+    source: Literal["synthetic", "csv", "dyml"] = "synthetic"
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     train_csv: Path | None = None
     val_csv: Path | None = None
+    dyml_root: Path | None = None
     levels: list[str] | None = None
     num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _csv_needs_train_file(self) -> DataConfig:
+    def _source_needs_its_files(self) -> DataConfig:
         if self.source == "csv" and self.train_csv is None:
             raise ValueError("data.train_csv is required when data.source is 'csv'")
+        if self.source == "dyml" and self.dyml_root is None:
+            raise ValueError("data.dyml_root is required when data.source is 'dyml'")
+        if self.source == "dyml" and self.levels is not None and self.levels != ["fine", "middle", "coarse"]:
+            raise ValueError("data.levels cannot be chosen with data.source 'dyml' (it trains on fine, middle, coarse)")
         return self
 
 
