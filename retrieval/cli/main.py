@@ -14,6 +14,7 @@ from retrieval import __version__
 from retrieval.cli import (
     data_cmd,
     evaluate_cmd,
+    evaluate_dyml_cmd,
     export_cmd,
     index_cmd,
     quickstart_cmd,
@@ -44,6 +45,7 @@ data_app.command("synth")(data_cmd.synth)
 index_app.command("build")(index_cmd.build)
 index_app.command("info")(index_cmd.info)
 evaluate_app.command("recall")(evaluate_cmd.recall)
+evaluate_app.command("dyml")(evaluate_dyml_cmd.dyml)
 app.add_typer(data_app, name="data")
 app.add_typer(index_app, name="index")
 app.add_typer(evaluate_app, name="evaluate")

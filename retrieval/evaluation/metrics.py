@@ -1,4 +1,4 @@
-"""Ranking metrics as pure numpy functions: rankings, relevance, Recall@K (hit rate) and all-positives AP.
+"""Ranking metrics as pure numpy functions: rankings, relevance, Recall@K (hit rate), all-positives AP and ASI.
 
 The functions work on one label level at a time and on one block of queries at a time, so that
 :mod:`retrieval.evaluation.protocols` can stream a large query set through them in chunks while
@@ -12,7 +12,7 @@ Conventions shared by every function here:
 * Higher score = more similar (inner product of L2-normalised embeddings).
 * Ties are broken deterministically by the lower gallery index, so a metric never depends on the
   sorting algorithm or on how queries were chunked.
-* A query with no relevant item has no defined Recall@K or AP; it is left out of the means and
+* A query with no relevant item has no defined Recall@K, AP or ASI; it is left out of the means and
   reported as NaN by the per-query functions (the caller counts how many queries took part).
 * AP uses *all* positives of the query (the classic retrieval mAP), not MAP@R and not AP@K.
 """
@@ -26,6 +26,7 @@ import numpy as np
 __all__ = [
     "RankWorkspace",
     "average_precision",
+    "average_search_index",
     "check_ks",
     "first_relevant_rank",
     "hits_at_k",
@@ -257,6 +258,37 @@ def average_precision(relevance: np.ndarray) -> np.ndarray:
         ap = sums / counts
     ap[counts == 0] = np.nan
     return ap
+
+
+def average_search_index(relevance: np.ndarray) -> np.ndarray:
+    """Per-query Average Search Index of the DyML paper (float64, NaN for a query with no relevant item).
+
+    With R relevant items for the query, ``ASI = (1/R) * sum_{n=1..R} |top-n ∩ relevant| / n``: the
+    precision at every cut-off up to R, averaged. Unlike AP, a positive ranked below R earns nothing,
+    so ASI measures how much of the ideal top-R list is right, cut-off by cut-off (1 = all positives
+    first, 0 = none of them in the top R).
+
+    A positive at 1-based rank ``p <= R`` is counted in every term ``n = p..R``, so the sum equals
+    ``sum_{positives at p <= R} (H_R - H_{p-1})`` with ``H`` the harmonic numbers (the cumulative sum
+    of ``1/n`` over rank positions). Only the relevant positions are touched, as in
+    :func:`average_precision`: memory is O(number of positives + ranking length), never another
+    ``(Q, R)`` float matrix. The ranking must be complete (every non-excluded gallery item), else R
+    is undercounted.
+    """
+    relevance = _check_relevance(relevance)
+    num_queries, width = relevance.shape
+    rows, cols = np.nonzero(relevance)
+    counts = np.bincount(rows, minlength=num_queries)
+    harmonic = np.zeros(width + 1, dtype=np.float64)  # harmonic[n] = H_n = sum_{i=1..n} 1/i
+    np.cumsum(1.0 / np.arange(1, width + 1, dtype=np.float64), out=harmonic[1:])
+    num_relevant = counts[rows]
+    inside = cols < num_relevant  # 1-based rank cols + 1 <= R
+    rows, cols, num_relevant = rows[inside], cols[inside], num_relevant[inside]
+    sums = np.bincount(rows, weights=harmonic[num_relevant] - harmonic[cols], minlength=num_queries)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        asi = sums / counts
+    asi[counts == 0] = np.nan
+    return asi
 
 
 def mean_average_precision(relevance: np.ndarray) -> float:

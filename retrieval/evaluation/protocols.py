@@ -19,6 +19,7 @@ from retrieval.data.labels import DEFAULT_LEVELS, LabelSchema
 from retrieval.evaluation.metrics import (
     RankWorkspace,
     average_precision,
+    average_search_index,
     check_ks,
     first_relevant_rank,
     rank_by_similarity,
@@ -41,6 +42,8 @@ def evaluate_embeddings(
     ks: Sequence[int] = (1, 5, 10),
     batch_size: int = 1024,
     levels: Sequence[str] | None = None,
+    *,
+    asi: bool = False,
 ) -> EvaluationReport:
     """Recall@K (hit rate) and all-positives mAP per label level, and their mean over levels.
 
@@ -70,6 +73,8 @@ def evaluate_embeddings(
         batch_size: queries per chunk; working memory is about ``batch_size x G x 21`` bytes plus
             the positives of the chunk, so lower it for very large galleries.
         levels: evaluate only these levels (names from the schema); default all.
+        asi: also report the DyML Average Search Index as an ``"ASI"`` column after ``"mAP"``
+            (computed in the same pass over the chunks, from the same rankings).
 
     Returns:
         An :class:`EvaluationReport` with values in [0, 1].
@@ -116,7 +121,9 @@ def evaluate_embeddings(
         _warn_if_not_normalised(gallery, "gallery_emb")
 
     num_queries = len(queries)
-    first, ap = _first_hits_and_ap(queries, q_labels, gallery, g_labels, columns, leave_one_out, int(batch_size))
+    first, ap, asi_values = _first_hits_and_ap(
+        queries, q_labels, gallery, g_labels, columns, leave_one_out, int(batch_size), asi=asi
+    )
 
     per_level: dict[str, dict[str, float]] = {}
     counted: dict[str, int] = {}
@@ -128,6 +135,8 @@ def evaluate_embeddings(
         for k in ks:
             metrics[f"R@{k}"] = float((first[row, valid] < k).mean()) if valid.any() else float("nan")
         metrics["mAP"] = float(ap[row, valid].mean()) if valid.any() else float("nan")
+        if asi_values is not None:
+            metrics["ASI"] = float(asi_values[row, valid].mean()) if valid.any() else float("nan")
         per_level[name] = metrics
         if counted[name] < num_queries:
             logger.info(
@@ -147,8 +156,12 @@ def _first_hits_and_ap(
     columns: list[int],
     leave_one_out: bool,
     batch_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per level and query: 0-based rank of the first relevant item (-1 if none) and AP (NaN if none).
+    *,
+    asi: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per level and query: 0-based rank of the first relevant item (-1 if none), AP and ASI (NaN if none).
+
+    ASI is ``None`` unless ``asi`` is set.
 
     Keeping per-query values (not running sums) makes the final means independent of the chunking.
     All ``(chunk, G)`` buffers are allocated once and reused, which dominates the run time otherwise.
@@ -162,6 +175,7 @@ def _first_hits_and_ap(
     workspace = RankWorkspace()
     first = np.full((len(columns), num_queries), -1, dtype=np.int64)
     ap = np.full((len(columns), num_queries), np.nan, dtype=np.float64)
+    asi_values = np.full((len(columns), num_queries), np.nan, dtype=np.float64) if asi else None
     for start in range(0, num_queries, batch_size):
         stop = min(start + batch_size, num_queries)
         chunk = stop - start
@@ -173,7 +187,9 @@ def _first_hits_and_ap(
             np.equal(ranked_labels[:chunk], q_codes[row, start:stop, None], out=relevance[:chunk])
             first[row, start:stop] = first_relevant_rank(relevance[:chunk])
             ap[row, start:stop] = average_precision(relevance[:chunk])
-    return first, ap
+            if asi_values is not None:
+                asi_values[row, start:stop] = average_search_index(relevance[:chunk])
+    return first, ap, asi_values
 
 
 def _label_codes(
