@@ -44,8 +44,6 @@ def check_levels(levels: Sequence[int] | None, num_levels: int) -> list[int]:
     return chosen
 
 
-
-
 def check_label_range(labels: torch.Tensor, level: int, num_classes: int) -> None:
     """Raise when the ids of one label column fall outside ``[0, num_classes)`` (a mismatched dataset)."""
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):

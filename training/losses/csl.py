@@ -245,18 +245,8 @@ class _JointLoss(nn.Module):
         return self.classification(embeddings, labels) + self.pair_weight * self.pair(embeddings, labels)
 
 
-@LOSSES.register("csl")
-def csl(
-    num_classes: Sequence[int],
-    embedding_dim: int,
-    hierarchy: np.ndarray,
-    margins: Sequence[float] | None = None,
-    gamma: float = 32.0,
-    negatives: Negatives = "hardest",
-    levels: Sequence[int] | None = None,
-) -> CrossScaleClassificationLoss:
-    """Cross-Scale Learning, classification form (shared fine proxies, hardest proxy per negative class)."""
-    return CrossScaleClassificationLoss(num_classes, embedding_dim, hierarchy, margins, gamma, negatives, levels)
+# The classification form's constructor already has the registry's builder signature.
+csl = LOSSES.register("csl")(CrossScaleClassificationLoss)
 
 
 @LOSSES.register("csl_pair")
