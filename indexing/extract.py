@@ -106,7 +106,7 @@ def extract_embeddings(
     encoder.to(device).eval()
     start = time.perf_counter()
     try:
-        with _progress_bar(len(dataset), progress) as advance, torch.inference_mode():
+        with progress_bar(len(dataset), progress) as advance, torch.inference_mode():
             for indices, images, skipped in loader:
                 if skipped:
                     report_skipped(dataset, skipped, report)
@@ -138,7 +138,7 @@ class _RateColumn(ProgressColumn):
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+def progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     """A terminal progress bar (nothing at all when disabled); yields ``advance(n_images)``."""
     columns = (
         TextColumn("embedding"),

@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from models import attention as _attention  # noqa: F401  (registers the attention modules)
+from models import glam as _glam  # noqa: F401  (registers the GLAM attention)
 from models import pooling as _pooling  # noqa: F401  (registers the pooling modules)
 from models.backbones import create_backbone
 from models.heads import EmbeddingHead
