@@ -32,22 +32,31 @@ class DataConfig(StrictModel):
 
     Attributes:
         source: ``"synthetic"`` generates the built-in hierarchical dataset in memory (no files needed);
-            ``"csv"`` reads labelled image lists; ``"dyml"`` reads an official DyML release (``dyml_root``).
+            ``"csv"`` reads labelled image lists; ``"dyml"`` reads an official DyML release (``dyml_root``);
+            ``"landmarks"`` reads a Google-Landmarks-v2 style CSV (``landmarks_csv``), one ``fine`` level.
         synthetic: generator settings for ``source: synthetic`` (its train and val splits are used).
         train_csv: training CSV (``path`` + level columns), or a folder holding ``labels.csv``.
         val_csv: optional validation CSV; without it the run is not evaluated. DyML ships no validation
             split (its test sets are for ``retrieval evaluate dyml``), so ``dyml`` runs validate only on this.
+            With ``source: landmarks`` it is read as a landmarks CSV too (images under ``landmarks_images``).
         dyml_root: the DyML-Vehicle/Animal/Product dataset root for ``source: dyml``; training reads
             ``train/label.csv`` and ``train/imgs/`` (see ``retrieval.data.dyml``), always at all three levels.
+        landmarks_csv: the label file for ``source: landmarks``: GLDv2's ``train_clean.csv``
+            (``landmark_id,images``), ``train.csv`` (``id,landmark_id``) or ``path,landmark_id``
+            (see ``retrieval.data.landmarks``).
+        landmarks_images: the GLDv2 image folder (``<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` below it); needed by
+            the id layouts; for ``path`` CSVs it replaces the CSV's folder as the base of relative paths.
         levels: label columns to read from the CSVs, finest first; default all of fine/middle/coarse present.
         num_workers: DataLoader worker processes (0 decodes in the training process).
     """
 
-    source: Literal["synthetic", "csv", "dyml"] = "synthetic"
+    source: Literal["synthetic", "csv", "dyml", "landmarks"] = "synthetic"
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     train_csv: Path | None = None
     val_csv: Path | None = None
     dyml_root: Path | None = None
+    landmarks_csv: Path | None = None
+    landmarks_images: Path | None = None
     levels: list[str] | None = None
     num_workers: int = Field(0, ge=0)
 
@@ -59,6 +68,10 @@ class DataConfig(StrictModel):
             raise ValueError("data.dyml_root is required when data.source is 'dyml'")
         if self.source == "dyml" and self.levels is not None and self.levels != ["fine", "middle", "coarse"]:
             raise ValueError("data.levels cannot be chosen with data.source 'dyml' (it trains on fine, middle, coarse)")
+        if self.source == "landmarks" and self.landmarks_csv is None:
+            raise ValueError("data.landmarks_csv is required when data.source is 'landmarks'")
+        if self.source == "landmarks" and self.levels is not None and self.levels != ["fine"]:
+            raise ValueError("data.levels cannot be chosen with data.source 'landmarks' (one level: fine = landmark)")
         return self
 
 
@@ -73,24 +86,45 @@ class LossConfig(StrictModel):
 
 
 class SamplerConfig(StrictModel):
-    """P x K batches over the finest level: P classes, K images each (batch size P * K).
+    """How training batches are drawn: P x K over the finest level, or aspect-ratio groups.
+
+    ``kind: pk`` (the default) gives P classes with K images each (batch size P * K), square inputs.
+    ``kind: aspect`` gives ``batch_size`` images of similar aspect ratio, labels ignored
+    (``retrieval.data.sampler.AspectRatioBatchSampler``); each batch is resized jointly so that its long side
+    is ``model.preprocess.input_size`` and its short side follows the batch's median ratio (a multiple of 32),
+    see ``training.batches``. It suits classification losses (ArcFace on GLDv2), which need no positives in
+    the batch; pair losses want ``pk``.
 
     Attributes:
+        kind: ``"pk"`` or ``"aspect"``.
+        classes_per_batch, images_per_class: P and K (``kind: pk``).
         siblings: draw the P fine classes in groups of this many that share a class at ``parent_level``
             (``retrieval.data.sampler.HierarchicalPKSampler``); 1 draws them independently. Siblings in a
-            batch are the hard negatives that teach the finer levels apart.
+            batch are the hard negatives that teach the finer levels apart. ``kind: pk`` only.
         parent_level: the label level whose classes group the siblings (``middle`` by default).
+        batch_size: images per batch for ``kind: aspect`` (required there, refused with ``pk``).
     """
 
+    kind: Literal["pk", "aspect"] = "pk"
     classes_per_batch: int = Field(16, ge=1)
     images_per_class: int = Field(4, ge=1)
     siblings: int = Field(1, ge=1)
     parent_level: str = "middle"
+    batch_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _siblings_fit_the_batch(self) -> SamplerConfig:
         if self.siblings > self.classes_per_batch:
             raise ValueError(f"siblings ({self.siblings}) cannot exceed classes_per_batch ({self.classes_per_batch})")
+        if self.kind == "aspect" and self.batch_size is None:
+            raise ValueError("sampler.batch_size is required when sampler.kind is 'aspect'")
+        if self.kind == "aspect" and self.siblings > 1:
+            raise ValueError("sampler.siblings applies to sampler.kind 'pk' only (aspect batches ignore labels)")
+        if self.kind == "pk" and self.batch_size is not None:
+            raise ValueError(
+                "sampler.batch_size applies to sampler.kind 'aspect'; P x K batches hold "
+                "classes_per_batch x images_per_class images"
+            )
         return self
 
 

@@ -6,6 +6,7 @@ import logging
 
 from retrieval.data.datasets import LabelledImageDataset, open_dataset
 from retrieval.data.dyml import open_dyml_train
+from retrieval.data.landmarks import open_landmarks_csv
 from retrieval.data.synthetic import generate_split
 from training.config import DataConfig
 
@@ -21,6 +22,8 @@ def build_datasets(config: DataConfig) -> tuple[LabelledImageDataset, LabelledIm
     of the training classes). ``csv`` opens ``train_csv`` / ``val_csv`` (a CSV file, or a folder with a
     ``labels.csv``), restricted to ``levels`` when given. ``dyml`` opens the official training split of
     ``dyml_root`` (DyML has no validation split, so ``val`` comes from ``val_csv`` or is ``None``).
+    ``landmarks`` opens ``landmarks_csv`` (GLDv2 ``train_clean.csv``, ``id,landmark_id`` or ``path,landmark_id``)
+    with images under ``landmarks_images``; a ``val_csv`` is read the same way.
 
     Raises:
         DatasetError: a missing or malformed CSV or DyML root (the message names the file).
@@ -30,6 +33,12 @@ def build_datasets(config: DataConfig) -> tuple[LabelledImageDataset, LabelledIm
         synthetic_val = generate_split(config.synthetic, "val")
         logger.info("synthetic data: %d train / %d val images", len(train), len(synthetic_val))
         return train, synthetic_val
+    if config.source == "landmarks":
+        assert config.landmarks_csv is not None  # enforced by DataConfig's validator
+        train = open_landmarks_csv(config.landmarks_csv, config.landmarks_images)
+        logger.info("landmarks data: %d train images of %d landmarks", len(train), train.vocab.num_classes(0))
+        landmarks_val = None if config.val_csv is None else open_landmarks_csv(config.val_csv, config.landmarks_images)
+        return train, landmarks_val
     if config.source == "dyml":
         assert config.dyml_root is not None  # enforced by DataConfig's validator
         train = open_dyml_train(config.dyml_root)

@@ -1,5 +1,8 @@
 """The training loop: P x K batches -> encoder -> loss -> AdamW, with evaluation, checkpoints and resume.
 
+``sampler.kind: aspect`` swaps the P x K batches for aspect-ratio groups resized jointly to one non-square
+size per batch (``training.batches``); the rest of the loop is the same.
+
 ``Trainer(config, train_dataset, val_dataset).fit()`` runs (or continues) a run in ``out_dir``::
 
     out_dir/
@@ -25,13 +28,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from models.checkpoint import save_encoder
 from models.devices import resolve_device
@@ -39,11 +43,11 @@ from models.encoder import Encoder
 from retrieval.config import ConfigError, save_config
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.labels import class_parents
-from retrieval.data.sampler import HierarchicalPKSampler, PKBatchSampler
+from retrieval.data.sampler import AspectRatioBatchSampler, HierarchicalPKSampler, PKBatchSampler, read_image_sizes
 from retrieval.data.transforms import build_transforms
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
-from training.batches import SeededSamples, step_batches
+from training.batches import AspectTrainTransform, JointlyResizedSamples, SeededSamples, step_batches
 from training.checkpoints import (
     TRAIN_STATE_FILE,
     capture_rng_state,
@@ -159,7 +163,10 @@ class Trainer:
         self.amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.sampler = _build_sampler(config, train_dataset)
-        self.train_transform = build_transforms(self.config.model.preprocess, train=True, augment=config.augment)
+        if isinstance(self.sampler, AspectRatioBatchSampler):  # the size is chosen per batch
+            self.train_transform = AspectTrainTransform(self.config.model.preprocess, config.augment)
+        else:
+            self.train_transform = build_transforms(self.config.model.preprocess, train=True, augment=config.augment)
         self.eval_transform = build_transforms(self.config.model.preprocess, train=False)
         self.step = 0
         self.images_seen = 0
@@ -306,9 +313,17 @@ class Trainer:
         return run
 
     def _batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.sampler, AspectRatioBatchSampler):  # keys carry the batch's joint (height, width)
+            long_side = self.config.model.preprocess.input_size
+            shape_of = partial(self.sampler.batch_shape, long_side=long_side)
+            samples: Dataset = JointlyResizedSamples(self.train_dataset, self.train_transform)
+            keys = step_batches(self.sampler, start_step, self.config.seed, shape_of=shape_of)
+        else:
+            samples = SeededSamples(self.train_dataset.with_transform(self.train_transform))
+            keys = step_batches(self.sampler, start_step, self.config.seed)
         loader = DataLoader(
-            SeededSamples(self.train_dataset.with_transform(self.train_transform)),
-            batch_sampler=step_batches(self.sampler, start_step, self.config.seed),
+            samples,
+            batch_sampler=keys,
             num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.config.seed),
@@ -458,9 +473,18 @@ def _check_datasets(train: LabelledImageDataset, val: LabelledImageDataset | Non
         raise DatasetError(f"the validation dataset needs at least 2 images for leave-one-out, got {len(val)}")
 
 
-def _build_sampler(config: TrainConfig, dataset: LabelledImageDataset) -> PKBatchSampler:
-    """Plain P x K over the fine classes, or sibling groups under a parent level when ``sampler.siblings > 1``."""
+def _build_sampler(config: TrainConfig, dataset: LabelledImageDataset) -> PKBatchSampler | AspectRatioBatchSampler:
+    """The batch sampler ``config.sampler`` names.
+
+    Plain P x K over the fine classes, sibling groups under a parent level when ``sampler.siblings > 1``, or
+    aspect-ratio groups for ``sampler.kind: aspect`` (every image's size is read once, from its file header).
+    """
     cfg = config.sampler
+    if cfg.kind == "aspect":
+        assert cfg.batch_size is not None  # enforced by SamplerConfig's validator
+        if cfg.batch_size > len(dataset):
+            raise ConfigError(f"sampler.batch_size={cfg.batch_size} exceeds the {len(dataset)} training images")
+        return AspectRatioBatchSampler(read_image_sizes(dataset), cfg.batch_size, seed=config.seed)
     if cfg.siblings == 1:
         return PKBatchSampler(dataset.level_labels(0), cfg.classes_per_batch, cfg.images_per_class, seed=config.seed)
     try:

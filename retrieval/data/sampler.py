@@ -11,19 +11,37 @@ of one middle class are the hardest fine negatives) instead of mostly unrelated 
 Both shard the batch stream for distributed training: with ``world_size`` ranks, the global sequence
 of ``num_batches * world_size`` batches is dealt out round-robin, so ranks never share a batch and
 their union is exactly the single-process stream.
+
+:class:`AspectRatioBatchSampler` serves classification losses (ArcFace on landmarks) that need no
+positives in the batch: it groups images of similar aspect ratio so that each batch can be resized
+jointly to one non-square size (:func:`joint_size`) instead of squashing every photo to a square.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Sampler
 
 from retrieval.config import ConfigError
+from retrieval.data.datasets import InMemoryImageDataset, LabelledImageDataset
+from retrieval.data.images import CorruptImageError
 
-__all__ = ["HierarchicalPKSampler", "PKBatchSampler"]
+__all__ = [
+    "AspectRatioBatchSampler",
+    "HierarchicalPKSampler",
+    "PKBatchSampler",
+    "joint_size",
+    "read_image_sizes",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class PKBatchSampler(Sampler[list[int]]):
@@ -231,3 +249,144 @@ class HierarchicalPKSampler(PKBatchSampler):
             if c not in chosen and c not in taken:
                 taken.append(c)
         return taken
+
+
+def joint_size(aspect_ratio: float, long_side: int, multiple: int = 32) -> tuple[int, int]:
+    """The ``(height, width)`` a batch of images with this median ``width / height`` is resized to.
+
+    The long side is ``long_side`` (the training resolution); the short side follows the ratio, rounded to
+    a multiple of ``multiple`` (the backbone's stride, so the feature map has no ragged border) and kept
+    within ``[multiple, long_side]``. A ratio of 1 gives the square ``long_side x long_side`` input.
+
+    Raises:
+        ValueError: a non-positive ratio, side or multiple.
+    """
+    if not aspect_ratio > 0 or long_side < 1 or multiple < 1:
+        raise ValueError(f"need a positive ratio, long side and multiple, got {aspect_ratio}, {long_side}, {multiple}")
+    stretch = max(aspect_ratio, 1.0 / aspect_ratio)  # long / short, >= 1
+    short = math.floor(long_side / stretch / multiple + 0.5) * multiple  # half rounds up
+    short = min(max(short, min(multiple, long_side)), long_side)
+    return (long_side, short) if aspect_ratio < 1 else (short, long_side)
+
+
+def read_image_sizes(dataset: LabelledImageDataset, threads: int = 16) -> np.ndarray:
+    """Each item's ``(width, height)`` as an int64 ``(N, 2)`` array, without decoding any file.
+
+    File datasets (whose ``names`` are file paths) are read with PIL's lazy open, which parses only the
+    header; the reads run on a few threads since they wait on the disk. In-memory datasets answer from
+    the images they hold. Call it once and keep the result: GLDv2-clean takes minutes on a slow disk.
+
+    Raises:
+        CorruptImageError: a missing file or one PIL cannot identify (the message names it).
+    """
+    if isinstance(dataset, InMemoryImageDataset):
+        return np.array([dataset.load_image(i).size for i in range(len(dataset))], dtype=np.int64).reshape(-1, 2)
+    if len(dataset) > 10_000:
+        logger.info("reading the sizes of %d images from their headers", len(dataset))
+    names = dataset.names
+    chunks = [names[start : start + 1024] for start in range(0, len(names), 1024)]  # few futures, not one per image
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        sizes = [size for chunk in pool.map(_header_sizes, chunks) for size in chunk]
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
+
+
+def _header_sizes(paths: list[str]) -> list[tuple[int, int]]:
+    return [_header_size(path) for path in paths]
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:  # lazy: reads the header, decodes no pixel
+            return image.size
+    except FileNotFoundError:
+        raise CorruptImageError(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise CorruptImageError(path, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(path, str(exc) or type(exc).__name__) from None
+
+
+class AspectRatioBatchSampler(Sampler[list[int]]):
+    """Yield batches of ``batch_size`` indices whose images have similar aspect ratios.
+
+    Each epoch makes one pass over the images (more when ``num_batches`` asks for more): the ``N mod
+    batch_size`` images left out of this pass are drawn at random, the rest are sorted by aspect ratio
+    (ties broken at random, so equal-ratio images, the bulk of a photo collection, form new batches every
+    epoch), cut into consecutive chunks, and the chunks are shuffled. So every image is seen once per
+    epoch, a batch spans a narrow band of ratios, and the order of landscape, square and portrait
+    batches is random. Labels play no part: this is for classification losses (ArcFace), not P x K.
+
+    Batches are a pure function of ``(seed, epoch)``; distributed ranks take the global sequence
+    round-robin, as in :class:`PKBatchSampler`. :meth:`batch_shape` gives the joint input size of a batch.
+
+    Args:
+        sizes: ``(N, 2)`` ``(width, height)`` of each item (:func:`read_image_sizes`), kept in memory.
+        batch_size: images per batch (at most N).
+        num_batches: batches per epoch and rank; default ``N // (batch_size * world_size)`` (at least 1).
+        seed: base seed.
+        rank: this process's rank in distributed training (0-based).
+        world_size: number of ranks sharing the stream.
+
+    Raises:
+        ValueError: sizes not ``(N, 2)`` positive, or a bad batch size, ``num_batches``, rank or world size.
+    """
+
+    def __init__(
+        self,
+        sizes: np.ndarray | Sequence[tuple[int, int]],
+        batch_size: int,
+        num_batches: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        sizes = np.asarray(sizes, dtype=np.float64)
+        if sizes.ndim != 2 or sizes.shape[1] != 2 or len(sizes) == 0:
+            raise ValueError(f"sizes must be a non-empty (N, 2) array of (width, height), got shape {sizes.shape}")
+        if not (sizes > 0).all():
+            raise ValueError("image sizes must be positive")
+        if not 1 <= batch_size <= len(sizes):
+            raise ConfigError(f"batch_size must lie in [1, {len(sizes)}] (the number of images), got {batch_size}")
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank={rank}, {world_size=}")
+        self.ratios = sizes[:, 0] / sizes[:, 1]  # width / height
+        self.batch_size = batch_size
+        per_rank = len(sizes) // (batch_size * world_size)
+        self.num_batches = num_batches if num_batches is not None else max(1, per_rank)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        wanted = self.num_batches * self.world_size
+        batches: list[list[int]] = []
+        while len(batches) < wanted:
+            batches.extend(self._one_pass(rng))
+        for position in range(self.rank, wanted, self.world_size):
+            yield batches[position]
+
+    def _one_pass(self, rng: np.random.Generator) -> list[list[int]]:
+        count = len(self.ratios) // self.batch_size * self.batch_size
+        kept = rng.permutation(len(self.ratios))[:count]  # a random N mod batch_size images sit this pass out
+        kept = kept[np.argsort(self.ratios[kept], kind="stable")]  # by ratio; ties keep the random order
+        chunks = kept.reshape(-1, self.batch_size)
+        return [chunks[i].tolist() for i in rng.permutation(len(chunks))]
+
+    def batch_ratio(self, batch: Sequence[int]) -> float:
+        """The median ``width / height`` of the batch's images."""
+        return float(np.median(self.ratios[np.asarray(batch, dtype=np.int64)]))
+
+    def batch_shape(self, batch: Sequence[int], long_side: int, multiple: int = 32) -> tuple[int, int]:
+        """The ``(height, width)`` every image of ``batch`` is resized to (:func:`joint_size` of its median ratio)."""
+        return joint_size(self.batch_ratio(batch), long_side, multiple)
