@@ -15,6 +15,7 @@ from retrieval.cli import (
     data_cmd,
     evaluate_cmd,
     evaluate_dyml_cmd,
+    evaluate_revisited_cmd,
     export_cmd,
     index_cmd,
     quickstart_cmd,
@@ -46,6 +47,7 @@ index_app.command("build")(index_cmd.build)
 index_app.command("info")(index_cmd.info)
 evaluate_app.command("recall")(evaluate_cmd.recall)
 evaluate_app.command("dyml")(evaluate_dyml_cmd.dyml)
+evaluate_app.command("revisited")(evaluate_revisited_cmd.revisited)
 app.add_typer(data_app, name="data")
 app.add_typer(index_app, name="index")
 app.add_typer(evaluate_app, name="evaluate")
