@@ -184,6 +184,9 @@ class TrainConfig(StrictModel):
         cpu_threads: torch intra-op threads (``null`` keeps torch's default). On a shared CPU machine 1-2
             threads avoid the large slowdown of OpenMP threads spinning against other processes.
         eval_batch_size: batch size for embedding the validation set.
+        backbone_weights: a local file of pretrained backbone weights (safetensors, or a ``.pth`` state
+            dict read with ``weights_only=True``) loaded when the run starts; the offline alternative to
+            ``model.pretrained: true``, which downloads through timm. ``retrieval train --weights PATH``.
         out_dir: run directory (config, metrics, checkpoints, final encoder).
     """
 
@@ -206,4 +209,5 @@ class TrainConfig(StrictModel):
     cpu_threads: int | None = Field(None, ge=1)
     seed: int = 0
     eval_batch_size: int = Field(128, ge=1)
+    backbone_weights: Path | None = None
     out_dir: Path = Path("runs/train")

@@ -155,7 +155,7 @@ class Trainer:
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         _seed_everything(config.seed)
-        self.encoder = Encoder(self.config.model).to(self.device)
+        self.encoder = Encoder(self.config.model, backbone_weights=config.backbone_weights).to(self.device)
         self.loss_fn = self._build_loss().to(self.device)
         self.optimizer = build_optimizer(self.encoder, self.loss_fn, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)

@@ -15,6 +15,9 @@ def train(
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: --set optim.lr=1e-3 (repeatable)."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (overrides out_dir in the recipe)."),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="Local pretrained backbone weights (safetensors or .pth state dict), for offline use."
+    ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoints/last if present."),
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
 ) -> None:
@@ -30,6 +33,8 @@ def train(
         from training.trainer import train as run_training
 
         overrides = [*set_, *([f"out_dir={out}"] if out is not None else [])]
+        if weights is not None:
+            overrides.append(f"backbone_weights={weights}")
         cfg = load_config(TrainConfig, find_recipe(config), overrides)
         result = run_training(cfg, resume=resume, progress=not as_json)
     summary = result.to_dict()

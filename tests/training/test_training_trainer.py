@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.backbones import BackboneError
 from models.checkpoint import load_encoder
 from retrieval.config import load_config
 from retrieval.data.sampler import HierarchicalPKSampler, PKBatchSampler
@@ -230,3 +231,19 @@ def test_sibling_sampler_needs_a_coarser_parent_level(tiny_data, tmp_path):
         Trainer(
             _config(sampler__siblings=2, sampler__parent_level="size"), train, None, out_dir=tmp_path, progress=False
         )
+
+
+def test_local_backbone_weights_are_loaded_and_a_missing_file_is_a_clear_error(tiny_data, tmp_path):
+    """``backbone_weights`` (``retrieval train --weights``) is the offline way to start from pretrained weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    train, _ = tiny_data
+    torch.manual_seed(123)
+    donor = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, tmp_path / "r10t.safetensors")
+    trainer = Trainer(_config(backbone_weights=tmp_path / "r10t.safetensors"), train, None, out_dir=tmp_path / "run")
+    loaded = trainer.encoder.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in donor.state_dict().items())
+    with pytest.raises(BackboneError, match="weights file not found"):
+        Trainer(_config(backbone_weights=tmp_path / "missing.pt"), train, None, out_dir=tmp_path / "run2")
