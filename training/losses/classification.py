@@ -37,7 +37,7 @@ def init_proxies(num_classes: int, embedding_dim: int) -> nn.Parameter:
     Unit-scale rows let Adam's per-coordinate steps turn the proxies' directions at a sensible rate
     (the loss only sees their directions). Every proxy-based loss of the project starts from here.
     """
-    return nn.Parameter(torch.randn(num_classes, embedding_dim) / math.sqrt(embedding_dim))
+    return nn.Parameter(torch.randn(num_classes, embedding_dim) * (1.0 / math.sqrt(embedding_dim)))
 
 
 class MultiScaleProxySoftmaxLoss(nn.Module):
