@@ -2,26 +2,60 @@
 
 Encoders emit L2-normalised embeddings, so inner product equals cosine similarity and the
 index ranks exactly as training losses and evaluation metrics do. Items keep the ids the
-engine gives them (``IndexIDMap2``), so the metadata store, shards and incremental adds
-never depend on FAISS's internal insertion order. Any ``faiss.index_factory`` string can be
-wrapped ("Flat" is exact search; IVF/HNSW strings need ``train`` first).
+engine gives them, so the metadata store, shards and incremental adds never depend on FAISS's
+internal insertion order. Any ``faiss.index_factory`` string can be wrapped ("Flat" is exact
+search; IVF/PQ strings need ``train`` first). As the FAISS wiki recommends, IVF indexes
+(``IVFk,...``, with or without an OPQ/PCA pre-transform) store the ids in their inverted lists
+(``add_with_ids``), and every other type is wrapped in an ``IndexIDMap2``.
+
+Search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW) are stored in the index as
+defaults, can be tuned for a target recall (``tune``) and overridden per call with
+``SearchParams``. Where faiss-gpu is installed and a GPU is visible, training, adding and
+searching run on a GPU replica, while the CPU index stays the copy that is saved and read.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from indexing.index_factory import training_sample_size
 from retrieval.config import ConfigError
 
-__all__ = ["NO_ID", "FaissIndex"]
+__all__ = [
+    "NO_ID",
+    "FaissIndex",
+    "RangeSearchResult",
+    "SearchParams",
+    "TuneResult",
+    "gpu_available",
+    "recall_at_k",
+]
+
+logger = logging.getLogger(__name__)
 
 #: The id FAISS returns for an empty result slot; it can therefore never be an item id.
 NO_ID = -1
 #: How far a vector's L2 norm may be from 1 before ``add`` refuses it.
 _NORM_TOLERANCE = 1e-3
+#: Vectors reconstructed per step when scanning the whole index (tuning ground truth, ``reconstruct_all``).
+_CHUNK = 16_384
+#: First k of the k-NN range-search fallback; doubled until the k-th hit falls below the threshold.
+_RANGE_FALLBACK_K = 64
+#: Largest k (and nprobe) FAISS's GPU k-selection supports.
+_GPU_MAX_K = 2048
+#: Largest efSearch ``tune`` tries.
+_MAX_EF_SEARCH = 4096
+
+Device = Literal["auto", "cpu", "gpu"]
 
 
 def _faiss() -> Any:
@@ -30,18 +64,133 @@ def _faiss() -> Any:
     return faiss
 
 
+def gpu_available() -> bool:
+    """True when the installed faiss has GPU support and at least one GPU is visible."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@functools.cache
+def _gpu_resources() -> Any:
+    """One ``StandardGpuResources`` per process: it reserves scratch memory on the device."""
+    return _faiss().StandardGpuResources()
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Search-time parameters; None leaves the index's stored default.
+
+    Attributes:
+        nprobe: inverted lists visited per query (IVF types); more is slower and more exact.
+        ef_search: candidate-list size of the graph search (HNSW types, FAISS's ``efSearch``).
+    """
+
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    def to_dict(self) -> dict[str, int]:
+        """The set parameters under FAISS's names (``nprobe``, ``efSearch``), for the manifest."""
+        out = {"nprobe": self.nprobe, "efSearch": self.ef_search}
+        return {key: int(value) for key, value in out.items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, int]) -> SearchParams:
+        """Inverse of ``to_dict``; accepts ``efSearch`` or ``ef_search``."""
+        unknown = set(values) - {"nprobe", "efSearch", "ef_search"}
+        if unknown:
+            raise ValueError(f"unknown search parameters {sorted(unknown)}; valid: nprobe, efSearch")
+        return cls(nprobe=values.get("nprobe"), ef_search=values.get("efSearch", values.get("ef_search")))
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What ``FaissIndex.tune`` chose.
+
+    Attributes:
+        params: the smallest parameters that reached ``target_recall`` (or the largest tried if none did).
+        recall: recall@k measured with ``params`` against exact search over the index's own vectors.
+        target_recall: the recall asked for.
+        k: neighbours per query the recall is measured at.
+        reached: whether ``recall >= target_recall``.
+        num_queries: queries the recall was averaged over.
+    """
+
+    params: SearchParams
+    recall: float
+    target_recall: float
+    k: int
+    reached: bool
+    num_queries: int
+
+
+@dataclass(frozen=True)
+class RangeSearchResult:
+    """All hits scoring strictly above a similarity threshold, per query, best first.
+
+    Hits of query ``i`` are ``scores[lims[i]:lims[i+1]]`` and ``ids[lims[i]:lims[i+1]]`` (FAISS's layout).
+
+    Attributes:
+        lims: ``(Q + 1,)`` int64 offsets.
+        scores: float32 similarities, descending within each query.
+        ids: int64 item ids.
+        fallback: True when the index has no native range search and a k-NN search with a growing
+            k, filtered at the threshold, was used instead (approximate indexes may then miss hits
+            their k-NN search misses).
+    """
+
+    lims: np.ndarray
+    scores: np.ndarray
+    ids: np.ndarray
+    fallback: bool
+
+    def __post_init__(self) -> None:
+        if self.lims.ndim != 1 or self.lims.size < 1 or self.lims[0] != 0 or np.any(np.diff(self.lims) < 0):
+            raise ValueError("lims must be a non-decreasing (Q + 1,) array starting at 0")
+        if self.scores.shape != self.ids.shape or self.scores.shape != (int(self.lims[-1]),):
+            raise ValueError(f"scores {self.scores.shape} and ids {self.ids.shape} must both have lims[-1] entries")
+
+    def __len__(self) -> int:
+        return self.lims.size - 1
+
+    def hits(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of query ``i``, best first."""
+        lo, hi = int(self.lims[i]), int(self.lims[i + 1])
+        return self.scores[lo:hi], self.ids[lo:hi]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each row of ``truth`` ids present in the same row of ``found`` (NO_ID never counts)."""
+    if truth.size == 0:
+        return 1.0
+    hits = [
+        np.isin(t[t != NO_ID], f[f != NO_ID]).sum() / max((t != NO_ID).sum(), 1)
+        for f, t in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(hits))
+
+
 class FaissIndex:
-    """An ``IndexIDMap2`` around ``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)``.
+    """``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)`` holding the engine's int64 ids.
 
     Args:
         dim: embedding dimension.
-        factory: ``faiss.index_factory`` description of the underlying index ("Flat" = exact).
+        factory: ``faiss.index_factory`` description ("Flat" = exact; "HNSW32"; "IVF1024,Flat";
+            "IVF4096,PQ64"; "OPQ64,IVF4096,PQ64" ...); ``indexing.index_factory.choose_factory``
+            picks one from the gallery size and a memory budget.
+        device: "auto" uses a GPU when faiss-gpu sees one, "cpu" never does, "gpu" requires one.
 
     Raises:
-        ValueError: a non-positive dimension or a factory string FAISS does not understand.
+        ValueError: a non-positive dimension, a factory string FAISS does not understand, or
+            ``device="gpu"`` without a usable GPU.
     """
 
-    def __init__(self, dim: int, factory: str = "Flat") -> None:
+    def __init__(self, dim: int, factory: str = "Flat", *, device: Device = "auto") -> None:
         if int(dim) <= 0:
             raise ValueError(f"index dimension must be positive, got {dim}")
         faiss = _faiss()
@@ -49,14 +198,27 @@ class FaissIndex:
             inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise ConfigError(f"invalid FAISS index factory string {factory!r}: {exc}") from exc
-        self._index = faiss.IndexIDMap2(inner)
+        if isinstance(inner, faiss.IndexIDMap):
+            raise ConfigError(f"factory {factory!r}: leave out IDMap, FaissIndex maps ids itself")
+        index = inner if _takes_ids_natively(inner) else faiss.IndexIDMap2(inner)
+        self._setup(index, factory, device)
+
+    def _setup(self, index: Any, factory: str, device: Device) -> None:
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" and not gpu_available():
+            raise ValueError("device='gpu' but faiss has no GPU support here or no GPU is visible")
+        self._index = index  # the CPU index: what is saved, listed and reconstructed
         self.factory = factory
+        self._gpu: Any = None  # GPU replica kept in sync with self._index, or None
+        self._lock = threading.Lock()  # guards temporary direct maps of IVF indexes
+        if device != "cpu" and gpu_available():
+            self._gpu = self._to_gpu(self._index)
 
     @classmethod
-    def _wrap(cls, index: Any, factory: str) -> FaissIndex:
+    def _wrap(cls, index: Any, factory: str, device: Device = "auto") -> FaissIndex:
         obj = cls.__new__(cls)
-        obj._index = index
-        obj.factory = factory
+        obj._setup(index, factory, device)
         return obj
 
     @property
@@ -77,25 +239,93 @@ class FaissIndex:
 
     @property
     def faiss_index(self) -> Any:
-        """The underlying FAISS object, for tuning search parameters (``nprobe``, ``efSearch``)."""
+        """The underlying CPU FAISS object (an ``IndexIDMap2``, or an IVF index holding the ids itself)."""
         return self._index
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether training, adding and searching run on a GPU replica."""
+        return self._gpu is not None
+
+    @property
+    def native_ids(self) -> bool:
+        """True for IVF types, whose inverted lists store the ids; False for ``IndexIDMap2``-wrapped types."""
+        return not isinstance(self._index, _faiss().IndexIDMap)
+
+    @property
+    def nlist(self) -> int | None:
+        """Number of IVF lists, None for non-IVF types."""
+        ivf = _ivf_of(self._index)
+        return None if ivf is None else int(ivf.nlist)
+
+    # ------------------------------------------------------------------ ids and vectors
+
     def ids(self) -> np.ndarray:
-        """All stored ids, int64, in insertion order."""
-        return _faiss().vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+        """All stored ids, int64: in insertion order for id-mapped types, in inverted-list order for IVF types."""
+        faiss = _faiss()
+        if isinstance(self._index, faiss.IndexIDMap):
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+        invlists = _ivf_of(self._index).invlists
+        parts = [np.zeros(0, np.int64)]
+        for list_no in range(invlists.nlist):
+            size = invlists.list_size(list_no)
+            if size:
+                ptr = invlists.get_ids(list_no)
+                parts.append(faiss.rev_swig_ptr(ptr, size).astype(np.int64))
+                invlists.release_ids(list_no, ptr)
+        return np.concatenate(parts)
 
     def reconstruct_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """All stored ``(ids, vectors)`` in insertion order; exact for Flat, approximate for compressed indexes."""
-        vectors = self._index.index.reconstruct_n(0, self.ntotal)
-        return self.ids(), np.asarray(vectors, dtype=np.float32)
+        """All stored ``(ids, vectors)``, in ``ids()`` order; exact for Flat/HNSW/IVF-Flat, decoded for PQ/SQ."""
+        ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, self.dim), np.float32)]
 
-    def train(self, vectors: np.ndarray) -> None:
-        """Train the underlying index on sample vectors; a no-op for indexes that need none ("Flat")."""
+        def collect(chunk_ids: np.ndarray, chunk: np.ndarray) -> None:
+            ids.append(chunk_ids)
+            vectors.append(chunk)
+
+        self._for_each_chunk(collect)
+        return np.concatenate(ids), np.concatenate(vectors)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The stored (or decoded) vectors of the given ids, ``(len(ids), dim)`` float32.
+
+        Raises:
+            ValueError: an id that is not in the index.
+        """
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        missing = ids[~np.isin(ids, self.ids())]
+        if missing.size:
+            raise ValueError(f"ids not in the index: {missing[:5].tolist()}")
+        with self._direct_map():
+            return np.asarray(self._index.reconstruct_batch(ids), dtype=np.float32)
+
+    # ------------------------------------------------------------------ building
+
+    def train(self, vectors: np.ndarray, *, seed: int = 0) -> None:
+        """Train the index on a seeded random sample of ``vectors``; a no-op for indexes that need none.
+
+        The sample has ``training_sample_size(factory, len(vectors))`` rows: enough points per
+        IVF centroid and PQ code for stable k-means (see ``indexing.index_factory``), no more, so
+        training time does not grow with the gallery. Pass the whole gallery or any superset of
+        the sample.
+
+        Raises:
+            ValueError: bad vectors, or too few of them for the index (e.g. fewer than IVF lists).
+        """
         if self.is_trained:
             return
         vectors = self._check_vectors(vectors, "training vectors")
+        size = training_sample_size(self.factory, len(vectors)) or len(vectors)
+        if size < len(vectors):
+            rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=size, replace=False))
+            vectors = vectors[rows]
+        logger.info("training %s on %d sample vectors%s", self.factory, len(vectors), " on GPU" if self.on_gpu else "")
         try:
-            self._index.train(vectors)
+            if self.on_gpu:
+                self._gpu.train(vectors)
+                self._index = _faiss().index_gpu_to_cpu(self._gpu)
+            else:
+                self._index.train(vectors)
         except RuntimeError as exc:  # e.g. fewer training vectors than IVF centroids
             raise ConfigError(f"index {self.factory!r} cannot be trained on {len(vectors)} vectors: {exc}") from exc
 
@@ -122,9 +352,10 @@ class FaissIndex:
         unique = np.unique(ids)
         if unique.size != ids.size:
             raise ValueError("ids passed to add() must be unique; the same id appears more than once")
-        if self.ntotal and np.isin(unique, self.ids()).any():
-            clash = unique[np.isin(unique, self.ids())][:5].tolist()
-            raise ValueError(f"ids already in the index: {clash}")
+        if self.ntotal:
+            stored = np.isin(unique, self.ids())
+            if stored.any():
+                raise ValueError(f"ids already in the index: {unique[stored][:5].tolist()}")
         norms = np.linalg.norm(vectors, axis=1)
         if vectors.shape[0] and np.abs(norms - 1.0).max() > _NORM_TOLERANCE:
             worst = float(norms[np.abs(norms - 1.0).argmax()])
@@ -134,10 +365,37 @@ class FaissIndex:
             )
         if not self.is_trained:
             raise ValueError(f"the {self.factory!r} index must be trained (FaissIndex.train) before adding vectors")
-        if vectors.shape[0]:
+        if not vectors.shape[0]:
+            return
+        if self.on_gpu:
+            self._gpu.add_with_ids(vectors, ids)
+            self._index = _faiss().index_gpu_to_cpu(self._gpu)
+        else:
             self._index.add_with_ids(vectors, ids)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    # ------------------------------------------------------------------ search parameters
+
+    @property
+    def default_params(self) -> SearchParams:
+        """The search parameters stored in the index (and saved with it) that ``search`` uses by default."""
+        ivf, hnsw = _ivf_of(self._index), _hnsw_of(self._index)
+        return SearchParams(
+            nprobe=None if ivf is None else int(ivf.nprobe),
+            ef_search=None if hnsw is None else int(hnsw.efSearch),
+        )
+
+    def set_default_params(self, params: SearchParams) -> None:
+        """Store ``params`` as the index's defaults; they are written with the index by ``save``."""
+        self._search_parameters(params)  # validates that they apply to this index type
+        faiss = _faiss()
+        for name, value in params.to_dict().items():
+            faiss.ParameterSpace().set_index_parameter(self._index, name, value)
+            if self._gpu is not None:
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu, name, value)
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar stored vectors for each query.
 
         ``k`` is clipped to the number of stored vectors. Approximate index types may still
@@ -147,33 +405,227 @@ class FaissIndex:
         Args:
             queries: ``(Q, dim)`` floating array (converted to float32).
             k: number of neighbours wanted, at least 1.
+            params: per-call search parameters; None uses ``default_params``.
 
         Returns:
             ``(scores float32 (Q, k'), ids int64 (Q, k'))`` best first, with ``k' = min(k, ntotal)``.
+
+        Raises:
+            ValueError: bad queries or ``k``, or a parameter that does not apply to this index type.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         queries = self._check_vectors(queries, "queries")
+        faiss_params = self._search_parameters(params)
         k = min(int(k), self.ntotal)
         if k == 0 or queries.shape[0] == 0:
             return np.zeros((queries.shape[0], k), np.float32), np.full((queries.shape[0], k), NO_ID, np.int64)
-        scores, ids = self._index.search(queries, k)
+        scores, ids = self._searcher.search(queries, k, params=faiss_params)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
+    @property
+    def supports_range_search(self) -> bool:
+        """Whether FAISS implements range search for this index type on CPU (not for NSG, PQ fast-scan, shards ...)."""
+        try:
+            self._index.range_search(np.zeros((0, self.dim), np.float32), 0.0)
+        except RuntimeError:
+            return False
+        return True
+
+    def range_search(
+        self,
+        queries: np.ndarray,
+        threshold: float,
+        params: SearchParams | None = None,
+        *,
+        method: Literal["auto", "native", "knn"] = "auto",
+    ) -> RangeSearchResult:
+        """All stored vectors scoring strictly above ``threshold`` for each query, best first.
+
+        FAISS's range search is used where it exists (CPU Flat, IVF, HNSW, PQ, SQ ...); with a
+        GPU replica it runs on the CPU copy, since FAISS's GPU indexes have none. Sharded indexes
+        and a few CPU types (NSG, PQ fast-scan) lack it too; there a k-NN search is repeated with
+        a doubling k until every query's k-th hit falls below the threshold (a warning is logged
+        and ``fallback`` is set on the result). ``method="knn"`` forces that path, e.g. to keep a
+        range query on the GPU.
+
+        Args:
+            queries: ``(Q, dim)`` floating array.
+            threshold: cosine similarity hits must exceed.
+            params: per-call search parameters, as for ``search``.
+            method: "auto" (native where supported), "native" (error where not) or "knn" (always the fallback).
+
+        Raises:
+            ValueError: bad queries or parameters, or ``method="native"`` on an index without range search.
+        """
+        queries = self._check_vectors(queries, "queries")
+        faiss_params = self._search_parameters(params)
+        if method not in ("auto", "native", "knn"):
+            raise ValueError(f"method must be 'auto', 'native' or 'knn', got {method!r}")
+        native = method != "knn" and self.supports_range_search
+        if method == "native" and not native:
+            raise ValueError(f"{self!r} has no native range search")
+        if native:
+            lims, scores, ids = self._index.range_search(queries, float(threshold), params=faiss_params)
+            return _sorted_range_result(lims, scores, ids, fallback=False)
+        if method == "auto":
+            logger.warning(
+                "range search is not available for %s; using k-NN search with a growing k filtered at %.4f",
+                self.factory,
+                threshold,
+            )
+        return self._knn_range_search(queries, float(threshold), params)
+
+    def _knn_range_search(
+        self, queries: np.ndarray, threshold: float, params: SearchParams | None
+    ) -> RangeSearchResult:
+        cap = min(self.ntotal, _GPU_MAX_K) if self.on_gpu else self.ntotal
+        hits: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.float32), np.zeros(0, np.int64))] * len(queries)
+        pending = np.arange(len(queries))
+        k = min(_RANGE_FALLBACK_K, cap)
+        truncated = 0
+        while pending.size and k > 0:
+            scores, ids = self.search(queries[pending], k, params)
+            complete = (ids[:, -1] == NO_ID) | (scores[:, -1] <= threshold)
+            exhausted = complete | (k >= cap)
+            truncated += int((exhausted & ~complete).sum()) if cap < self.ntotal else 0
+            for row in np.flatnonzero(exhausted):
+                keep = (ids[row] != NO_ID) & (scores[row] > threshold)
+                hits[pending[row]] = (scores[row][keep], ids[row][keep])
+            pending = pending[~exhausted]
+            k = min(2 * k, cap)
+        if truncated:
+            logger.warning("k-NN range search on GPU stops at k=%d: %d queries have more hits", cap, truncated)
+        lims = np.zeros(len(queries) + 1, np.int64)
+        lims[1:] = np.cumsum([len(s) for s, _ in hits])
+        scores = np.concatenate([s for s, _ in hits]) if hits else np.zeros(0, np.float32)
+        ids = np.concatenate([i for _, i in hits]) if hits else np.zeros(0, np.int64)
+        return RangeSearchResult(lims, scores.astype(np.float32), ids.astype(np.int64), fallback=True)
+
+    # ------------------------------------------------------------------ tuning
+
+    def tune(
+        self,
+        queries: np.ndarray | None = None,
+        target_recall: float = 0.95,
+        k: int = 10,
+        *,
+        query_ids: np.ndarray | None = None,
+        num_queries: int = 500,
+        seed: int = 0,
+        apply: bool = True,
+    ) -> TuneResult:
+        """Find the smallest ``nprobe`` (IVF) or ``efSearch`` (HNSW) reaching ``target_recall`` at ``k``.
+
+        Ground truth is an exact scan of the index's own stored (for PQ/SQ: decoded) vectors, so
+        the recall measures what the search parameter controls, the part of the index left
+        unvisited, and not the compression loss no parameter can undo. The value is found by
+        doubling from the smallest and then bisecting, assuming recall grows with it.
+
+        Queries should look like real ones. For a compressed index (PQ, SQ) the default,
+        decoded stored vectors, sit closer to their IVF centroid than real embeddings do and
+        under-estimate nprobe; pass the original embeddings of some gallery items instead, with
+        their ids as ``query_ids``.
+
+        Args:
+            queries: ``(Q, dim)`` sample queries (held-out or gallery embeddings); None samples
+                ``num_queries`` of the index's own (decoded) vectors.
+            target_recall: recall@k to reach, in (0, 1].
+            k: neighbours per query.
+            query_ids: ``(Q,)`` ids of the queries when they are stored items: each is left out of
+                its own results and ground truth (implied when ``queries`` is None).
+            num_queries: queries sampled when ``queries`` is None.
+            seed: seeds that sample.
+            apply: store the chosen parameters as the index's defaults (``set_default_params``).
+
+        Returns:
+            the chosen parameters and the recall they reach; for types without a search parameter
+            (Flat, PQ) the parameters are empty and the recall is measured as is.
+        """
+        if not 0.0 < target_recall <= 1.0:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if self.ntotal == 0:
+            raise ValueError("cannot tune an empty index")
+        exclude = None if query_ids is None else np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        if queries is None:
+            all_ids = self.ids()
+            rng = np.random.default_rng(seed)
+            exclude = np.sort(rng.choice(all_ids, size=min(num_queries, all_ids.size), replace=False))
+            queries = self.reconstruct(exclude)
+        queries = self._check_vectors(queries, "queries")
+        if exclude is not None and exclude.shape != (len(queries),):
+            raise ValueError(f"query_ids must have shape ({len(queries)},), got {exclude.shape}")
+        extra = 0 if exclude is None else 1
+        k_eff = min(int(k), self.ntotal - extra)
+        if k_eff < 1:
+            raise ValueError("the index holds too few vectors to tune")
+        truth = _drop_self(self._exact_knn(queries, k_eff + extra)[1], exclude, k_eff)
+
+        def measure(params: SearchParams) -> float:
+            _, found = self.search(queries, k_eff + extra, params)
+            return recall_at_k(_drop_self(found, exclude, k_eff), truth)
+
+        knob = self._knob(k_eff + extra)
+        if knob is None:
+            params = SearchParams()
+            recall = measure(params)
+        else:
+            name, low, high = knob
+            params, recall = _smallest_passing(lambda v: SearchParams(**{name: v}), measure, low, high, target_recall)
+        reached = recall >= target_recall
+        if not reached:
+            logger.warning("tune: %s reaches recall@%d %.3f < target %.3f", self.factory, k_eff, recall, target_recall)
+        if apply and params.to_dict():
+            self.set_default_params(params)
+        return TuneResult(params, recall, float(target_recall), k_eff, reached, len(queries))
+
+    def _knob(self, k: int) -> tuple[str, int, int] | None:
+        """The tunable parameter of this index type, with its smallest and largest useful value for ``k``."""
+        ivf = _ivf_of(self._index)
+        if ivf is not None:
+            high = min(int(ivf.nlist), _GPU_MAX_K) if self.on_gpu else int(ivf.nlist)
+            return "nprobe", 1, high
+        if _hnsw_of(self._index) is not None:
+            return "ef_search", k, max(k, min(_MAX_EF_SEARCH, self.ntotal))  # FAISS searches max(efSearch, k)
+        return None
+
+    def _exact_knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the stored (decoded) vectors, scanned in chunks to bound memory."""
+        best_s = np.full((len(queries), 0), -np.inf, np.float32)
+        best_i = np.full((len(queries), 0), NO_ID, np.int64)
+
+        def merge(chunk_ids: np.ndarray, chunk: np.ndarray) -> None:
+            nonlocal best_s, best_i
+            sims = queries @ chunk.T
+            take = min(k, sims.shape[1])
+            top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+            scores = np.concatenate([best_s, np.take_along_axis(sims, top, axis=1)], axis=1)
+            ids = np.concatenate([best_i, chunk_ids[top]], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+        self._for_each_chunk(merge)
+        return best_s, best_i
+
+    # ------------------------------------------------------------------ persistence
+
     def save(self, path: str | Path) -> None:
-        """Write the index (vectors and id map) to one file."""
+        """Write the index (vectors, ids and default search parameters) to one file."""
         _faiss().write_index(self._index, str(path))
 
     @classmethod
-    def load(cls, path: str | Path, factory: str = "Flat") -> FaissIndex:
+    def load(cls, path: str | Path, factory: str = "Flat", *, device: Device = "auto") -> FaissIndex:
         """Read an index written by ``save``.
 
         Args:
             path: the index file.
             factory: the factory string it was built with (the file does not record it; the manifest does).
+            device: as for the constructor.
 
         Raises:
-            ValueError: the file is unreadable, not an id-mapped index, or not inner-product.
+            ValueError: the file is unreadable, neither id-mapped nor IVF, or not inner-product.
         """
         faiss = _faiss()
         path = Path(path)
@@ -183,11 +635,82 @@ class FaissIndex:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise ValueError(f"cannot read FAISS index {path}: {exc}") from exc
-        if not isinstance(index, faiss.IndexIDMap2):
-            raise ValueError(f"{path} holds a {type(index).__name__}, expected an id-mapped index (IndexIDMap2)")
+        if not isinstance(index, faiss.IndexIDMap2) and not _takes_ids_natively(index):
+            raise ValueError(
+                f"{path} holds a {type(index).__name__}, expected an id-mapped index (IndexIDMap2) or an IVF index"
+            )
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path} is not an inner-product index (metric type {index.metric_type})")
-        return cls._wrap(index, factory)
+        return cls._wrap(index, factory, device)
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def _searcher(self) -> Any:
+        return self._gpu if self._gpu is not None else self._index
+
+    def _to_gpu(self, index: Any) -> Any:
+        """A GPU replica of ``index``, or None (logged) for types faiss-gpu does not support, like HNSW."""
+        faiss = _faiss()
+        if _hnsw_of(index) is not None:
+            logger.info("%s stays on CPU: faiss-gpu has no HNSW index", self.factory)
+            return None
+        try:
+            replica = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+        except RuntimeError as exc:
+            logger.info("%s stays on CPU: faiss-gpu cannot hold it (%s)", self.factory, str(exc).splitlines()[0])
+            return None
+        if not isinstance(_unwrap(replica), faiss.GpuIndex):  # the cloner copied it on the CPU instead
+            logger.info("%s stays on CPU: faiss-gpu has no GPU version of it", self.factory)
+            return None
+        return replica
+
+    def _search_parameters(self, params: SearchParams | None) -> Any:
+        """FAISS ``SearchParameters`` for one call: thread-safe, unlike setting ``nprobe`` on the index."""
+        if params is None or not params.to_dict():
+            return None
+        faiss = _faiss()
+        ivf, hnsw = _ivf_of(self._index), _hnsw_of(self._index)
+        if params.nprobe is not None and ivf is None:
+            raise ValueError(f"nprobe applies to IVF indexes; {self.factory!r} is not one")
+        if params.ef_search is not None and hnsw is None:
+            raise ValueError(f"ef_search applies to HNSW indexes; {self.factory!r} is not one")
+        if ivf is not None:
+            out = faiss.SearchParametersIVF()
+            out.nprobe = min(int(params.nprobe), int(ivf.nlist))
+            return out
+        out = faiss.SearchParametersHNSW()
+        out.efSearch = int(params.ef_search)
+        return out
+
+    @contextmanager
+    def _direct_map(self) -> Iterator[None]:
+        """Let an IVF index look vectors up by id for the duration (a hash table for native ids)."""
+        faiss = _faiss()
+        ivf = _ivf_of(self._index)
+        if ivf is None or ivf.direct_map.type != faiss.DirectMap.NoMap:
+            yield
+            return
+        kind = faiss.DirectMap.Hashtable if self.native_ids else faiss.DirectMap.Array
+        with self._lock:
+            ivf.set_direct_map_type(kind)
+            try:
+                yield
+            finally:
+                ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+
+    def _for_each_chunk(self, consume: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """Call ``consume(ids, vectors)`` on successive chunks of the stored vectors, in ``ids()`` order."""
+        ids = self.ids()
+        faiss = _faiss()
+        with self._direct_map():
+            for start in range(0, ids.size, _CHUNK):
+                chunk_ids = ids[start : start + _CHUNK]
+                if isinstance(self._index, faiss.IndexIDMap):
+                    chunk = self._index.index.reconstruct_n(start, chunk_ids.size)
+                else:
+                    chunk = self._index.reconstruct_batch(np.ascontiguousarray(chunk_ids))
+                consume(chunk_ids, np.asarray(chunk, dtype=np.float32))
 
     def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
         vectors = np.asarray(vectors)
@@ -202,3 +725,78 @@ class FaissIndex:
 
     def __repr__(self) -> str:
         return f"FaissIndex(dim={self.dim}, factory={self.factory!r}, ntotal={self.ntotal})"
+
+
+def _unwrap(index: Any) -> Any:
+    """The index under id maps and pre-transforms (OPQ, PCA), downcast to its concrete type."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def _takes_ids_natively(index: Any) -> bool:
+    """IVF indexes, bare or behind a pre-transform, store ids in their lists; IndexRefine etc. do not."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, faiss.IndexIVF)
+
+
+def _ivf_of(index: Any) -> Any:
+    inner = _unwrap(index)
+    return inner if isinstance(inner, _faiss().IndexIVF) else None
+
+
+def _hnsw_of(index: Any) -> Any:
+    inner = _unwrap(index)
+    return inner.hnsw if isinstance(inner, _faiss().IndexHNSW) else None
+
+
+def _sorted_range_result(lims: np.ndarray, scores: np.ndarray, ids: np.ndarray, fallback: bool) -> RangeSearchResult:
+    """FAISS returns range hits unordered; sort each query's hits by descending score (ties by id)."""
+    lims = np.asarray(lims, dtype=np.int64)
+    scores, ids = np.asarray(scores, np.float32), np.asarray(ids, np.int64)
+    query = np.repeat(np.arange(lims.size - 1), np.diff(lims))
+    order = np.lexsort((ids, -scores, query))
+    return RangeSearchResult(lims, scores[order], ids[order], fallback=fallback)
+
+
+def _drop_self(ids: np.ndarray, exclude: np.ndarray | None, k: int) -> np.ndarray:
+    """Each row without its own query id (when queries are stored vectors), cut to ``k`` columns."""
+    if exclude is None:
+        return ids[:, :k]
+    out = np.full((ids.shape[0], k), NO_ID, np.int64)
+    for row, (found, own) in enumerate(zip(ids, exclude, strict=True)):
+        kept = found[found != own][:k]
+        out[row, : kept.size] = kept
+    return out
+
+
+def _smallest_passing(
+    make: Callable[[int], SearchParams],
+    measure: Callable[[SearchParams], float],
+    low: int,
+    high: int,
+    target: float,
+) -> tuple[SearchParams, float]:
+    """Smallest value in [low, high] whose recall reaches ``target``: doubling, then bisection."""
+    value, last_fail = low, low - 1
+    recall = measure(make(value))
+    while recall < target and value < high:
+        last_fail, value = value, min(2 * value, high)
+        recall = measure(make(value))
+    if recall < target:
+        return make(value), recall
+    best, best_recall = value, recall
+    lo, hi = last_fail + 1, value - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        mid_recall = measure(make(mid))
+        if mid_recall >= target:
+            best, best_recall, hi = mid, mid_recall, mid - 1
+        else:
+            lo = mid + 1
+    return make(best), best_recall
