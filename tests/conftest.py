@@ -13,6 +13,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 CLOTHING_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing-small"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Tiny models gain nothing from a second thread, and on a busy 2-core machine two spinning OpenMP
+    threads run 5-10x slower than one.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_config():
     """A small, fast encoder architecture for tests (random weights, 32 px inputs)."""

@@ -44,7 +44,37 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class PKBatchSampler(Sampler[list[int]]):
+class _ShardedBatchSampler(Sampler[list[int]]):
+    """Epoch and rank bookkeeping shared by the batch samplers.
+
+    Batches are a pure function of ``(seed, epoch)``; with ``world_size`` ranks each rank yields every
+    ``world_size``-th batch of the global sequence, starting at its ``rank``.
+    """
+
+    def _init_stream(
+        self, num_items: int, batch_size: int, num_batches: int | None, seed: int, rank: int, world_size: int
+    ) -> None:
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank={rank}, {world_size=}")
+        self.batch_size = batch_size
+        per_rank = num_items // (batch_size * world_size)
+        self.num_batches = num_batches if num_batches is not None else max(1, per_rank)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class PKBatchSampler(_ShardedBatchSampler):
     """Yield batches of ``classes_per_batch * images_per_class`` dataset indices.
 
     Classes are visited in a shuffled round-robin (each class appears once before any appears twice), and
@@ -90,33 +120,16 @@ class PKBatchSampler(Sampler[list[int]]):
         classes, inverse = np.unique(labels, return_inverse=True)
         if classes_per_batch > len(classes):
             raise ConfigError(f"classes_per_batch={classes_per_batch} exceeds the number of classes ({len(classes)})")
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank={rank}, {world_size=}")
+        self._init_stream(len(labels), classes_per_batch * images_per_class, num_batches, seed, rank, world_size)
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1]
         self._pools: list[np.ndarray] = np.split(order, bounds)
         self.classes_per_batch = classes_per_batch
         self.images_per_class = images_per_class
-        self.batch_size = classes_per_batch * images_per_class
-        per_rank = len(labels) // (self.batch_size * world_size)
-        self.num_batches = num_batches if num_batches is not None else max(1, per_rank)
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
 
     @property
     def num_classes(self) -> int:
         return len(self._pools)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose batches the next iteration yields."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -306,7 +319,7 @@ def _header_size(path: str) -> tuple[int, int]:
         raise CorruptImageError(path, str(exc) or type(exc).__name__) from None
 
 
-class AspectRatioBatchSampler(Sampler[list[int]]):
+class AspectRatioBatchSampler(_ShardedBatchSampler):
     """Yield batches of ``batch_size`` indices whose images have similar aspect ratios.
 
     Each epoch makes one pass over the images (more when ``num_batches`` asks for more): the ``N mod
@@ -347,25 +360,8 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
             raise ValueError("image sizes must be positive")
         if not 1 <= batch_size <= len(sizes):
             raise ConfigError(f"batch_size must lie in [1, {len(sizes)}] (the number of images), got {batch_size}")
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank={rank}, {world_size=}")
+        self._init_stream(len(sizes), batch_size, num_batches, seed, rank, world_size)
         self.ratios = sizes[:, 0] / sizes[:, 1]  # width / height
-        self.batch_size = batch_size
-        per_rank = len(sizes) // (batch_size * world_size)
-        self.num_batches = num_batches if num_batches is not None else max(1, per_rank)
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose batches the next iteration yields."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])

@@ -17,6 +17,8 @@ from retrieval.cli.main import app
 from retrieval.data.revisited import open_revisited
 from retrieval.evaluation.revisited import evaluate_revisited
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 runner = CliRunner()
 
 DB = [f"oxc1_db_{i}" for i in range(6)]
@@ -44,17 +46,6 @@ def _layout(root: Path) -> Path:
     for seed, name in enumerate([*DB, *QUERIES]):
         _image(root / "jpg" / f"{name}.jpg", seed)
     return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny encoder's convolutions on 48 x 36 images run faster on one thread than on two shared ones."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,11 @@ from training.recipe_paths import recipe_path
 from training.trainer import Trainer
 from training.trainer import train as train_from_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # 8 images in each of three shapes (width, height): landscape 2:1, square, portrait 1:2.
 SHAPES = [(64, 32), (48, 48), (32, 64)]
 JOINT = {(64, 32): (32, 64), (48, 48): (64, 64), (32, 64): (64, 32)}  # image (w, h) -> batch (height, width)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads run ~8x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

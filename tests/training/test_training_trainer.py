@@ -25,18 +25,11 @@ from training.metrics_log import read_metrics
 from training.trainer import Trainer
 from training.trainer import train as train_from_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_DATA = SyntheticConfig(
     seed=3, image_size=32, num_colours=2, num_textures=2, train_per_class=8, val_per_class=3, test_combos_per_shape=1
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads run ~8x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
