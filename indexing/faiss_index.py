@@ -64,6 +64,17 @@ def _faiss() -> Any:
     return faiss
 
 
+def _numpy_method(index: Any, name: str) -> Any:
+    """The numpy form of an index method, even after ``faiss.contrib.torch_utils`` has been imported.
+
+    That module (imported by pytorch-metric-learning, among others) replaces ``search``, ``range_search``
+    and friends on every index class with torch-aware versions that drop the ``params`` argument; it keeps
+    the originals as ``<name>_numpy``. Calling those keeps per-query search parameters working whatever
+    else the process imported.
+    """
+    return getattr(index, f"{name}_numpy", None) or getattr(index, name)
+
+
 def gpu_available() -> bool:
     """True when the installed faiss has GPU support and at least one GPU is visible."""
     faiss = _faiss()
@@ -420,14 +431,14 @@ class FaissIndex:
         k = min(int(k), self.ntotal)
         if k == 0 or queries.shape[0] == 0:
             return np.zeros((queries.shape[0], k), np.float32), np.full((queries.shape[0], k), NO_ID, np.int64)
-        scores, ids = self._searcher.search(queries, k, params=faiss_params)
+        scores, ids = _numpy_method(self._searcher, "search")(queries, k, params=faiss_params)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
     @property
     def supports_range_search(self) -> bool:
         """Whether FAISS implements range search for this index type on CPU (not for NSG, PQ fast-scan, shards ...)."""
         try:
-            self._index.range_search(np.zeros((0, self.dim), np.float32), 0.0)
+            _numpy_method(self._index, "range_search")(np.zeros((0, self.dim), np.float32), 0.0)
         except RuntimeError:
             return False
         return True
@@ -466,7 +477,8 @@ class FaissIndex:
         if method == "native" and not native:
             raise ValueError(f"{self!r} has no native range search")
         if native:
-            lims, scores, ids = self._index.range_search(queries, float(threshold), params=faiss_params)
+            search = _numpy_method(self._index, "range_search")
+            lims, scores, ids = search(queries, float(threshold), params=faiss_params)
             return _sorted_range_result(lims, scores, ids, fallback=False)
         if method == "auto":
             logger.warning(

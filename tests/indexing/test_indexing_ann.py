@@ -86,6 +86,18 @@ def test_recall_at_10_against_brute_force(data, built, factory, params, floor):
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
 
+def test_search_params_survive_faiss_torch_utils(data, built):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which swaps every index's search methods."""
+    import faiss.contrib.torch_utils  # noqa: F401  (patches faiss for the rest of the process, as PML does)
+
+    _, queries, _ = data
+    ivf = built["IVF64,Flat"]
+    wide = ivf.search(queries, 10, SearchParams(nprobe=64))
+    assert wide[1].shape == (len(queries), 10)
+    result = ivf.range_search(queries[:3], 0.5, SearchParams(nprobe=64))
+    assert not result.fallback
+
+
 @pytest.mark.parametrize("factory", [a[0] for a in APPROXIMATE])
 def test_ids_round_trip_for_every_type(data, built, factory):
     gallery, queries, ids = data
