@@ -5,7 +5,7 @@ The torch-free parts (opening and searching an index directory) are re-exported 
 ``indexing.builder``. FAISS itself is imported only when an index is created or loaded.
 """
 
-from indexing.errors import IndexFormatError
+from indexing.errors import GranularityError, IndexFormatError, NotCalibratedError, UnknownGranularityError
 from indexing.faiss_index import FaissIndex
 from indexing.index_dir import IndexDirectory, open_index_dir, write_index_dir
 from indexing.manifest import INDEX_FORMAT_VERSION, Manifest
@@ -15,13 +15,16 @@ from indexing.results import SearchHit, SearchResults
 __all__ = [
     "INDEX_FORMAT_VERSION",
     "FaissIndex",
+    "GranularityError",
     "IndexDirectory",
     "IndexFormatError",
     "Manifest",
     "MetadataRow",
     "MetadataStore",
+    "NotCalibratedError",
     "SearchHit",
     "SearchResults",
+    "UnknownGranularityError",
     "open_index_dir",
     "write_index_dir",
 ]

@@ -1,10 +1,10 @@
-"""The one error type for index directories that cannot be opened or written consistently."""
+"""Errors of index directories: ones that cannot be opened or written consistently, and bad granularity requests."""
 
 from __future__ import annotations
 
 from retrieval.errors import UserFacingError
 
-__all__ = ["IndexFormatError"]
+__all__ = ["GranularityError", "IndexFormatError", "NotCalibratedError", "UnknownGranularityError"]
 
 
 class IndexFormatError(UserFacingError, ValueError):
@@ -13,3 +13,15 @@ class IndexFormatError(UserFacingError, ValueError):
     It is a ``ValueError`` so that the CLI and the server report it as a user-facing problem
     (a wrong path, an index from another version) rather than as a crash.
     """
+
+
+class GranularityError(UserFacingError, ValueError):
+    """A search at a granularity that this index cannot answer (see the two subclasses)."""
+
+
+class NotCalibratedError(GranularityError):
+    """A granularity was asked of an index without calibrated thresholds; ``retrieval index calibrate`` adds them."""
+
+
+class UnknownGranularityError(GranularityError):
+    """A granularity that is not one of the index's calibrated levels; the message lists them."""

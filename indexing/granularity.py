@@ -6,9 +6,11 @@ follow the ruler order, fine >= middle >= coarse, so a hit that passes a level a
 one and "the finest level it passes" is well defined. A hit passes a level when ``score >= threshold``,
 the comparison the calibration counted with.
 
-These functions only filter what a search returned: a k-NN search may have cut off hits that would also
-pass, so a caller that wants *all* hits above a threshold should use a range search (or a k-NN search with
-a k large enough that its last hit falls below the threshold).
+These functions only filter what a search returned. Since the passing hits are a prefix of a ranking, the
+passing hits among a k-NN search's best ``k`` are exactly the best ``k`` passing hits (what
+``IndexDirectory.search(..., granularity=...)`` returns); a caller that wants *all* hits above a threshold,
+however many, should use a range search (or a k-NN search with a k large enough that its last hit falls
+below the threshold).
 """
 
 from __future__ import annotations
@@ -16,32 +18,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import replace
 
 from indexing.calibration import Calibration
-from indexing.results import SearchHit, SearchResults
+from indexing.results import SearchResults
 
-__all__ = ["TaggedHit", "filter_by_granularity", "finest_level", "level_thresholds", "tag_hits"]
+__all__ = ["filter_by_granularity", "finest_level", "level_thresholds", "tag_hits"]
 
 Thresholds = Calibration | Mapping[str, float]
-
-
-@dataclass(frozen=True)
-class TaggedHit:
-    """A search hit with the finest label level whose threshold its score passes.
-
-    Attributes:
-        hit: the hit as the index returned it.
-        level: the finest passing level, or ``None`` when the score is below every threshold.
-    """
-
-    hit: SearchHit
-    level: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The hit's JSON form with a ``"level"`` key added."""
-        return {**self.hit.to_dict(), "level": self.level}
 
 
 def level_thresholds(calibration: Thresholds) -> list[tuple[str, float]]:
@@ -110,10 +94,12 @@ def filter_by_granularity(
     return SearchResults(kept if k is None else kept[:k])
 
 
-def tag_hits(results: SearchResults, calibration: Thresholds) -> tuple[TaggedHit, ...]:
-    """Every hit paired with the finest level its score passes (``None`` below every threshold)."""
+def tag_hits(results: SearchResults, calibration: Thresholds) -> SearchResults:
+    """The same ranking with every hit's ``level`` set to the finest level its score passes (``None`` below all)."""
     thresholds = level_thresholds(calibration)
-    return tuple(
-        TaggedHit(hit, next((level for level, threshold in thresholds if hit.score >= threshold), None))
-        for hit in results
+    return SearchResults(
+        tuple(
+            replace(hit, level=next((level for level, threshold in thresholds if hit.score >= threshold), None))
+            for hit in results
+        )
     )

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from indexing.errors import IndexFormatError
+from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError
 from indexing.faiss_index import NO_ID, FaissIndex
+from indexing.granularity import filter_by_granularity, tag_hits
 from indexing.manifest import Manifest
 from indexing.metadata import MetadataRow, MetadataStore
 from indexing.results import SearchHit, SearchResults
@@ -182,26 +183,57 @@ class IndexDirectory(Closeable):
     def __len__(self) -> int:
         return self.index.ntotal
 
-    def search(self, query_embeddings: np.ndarray, k: int) -> list[SearchResults]:
+    def threshold(self, granularity: str) -> float:
+        """The calibrated similarity threshold of level ``granularity``.
+
+        Raises:
+            NotCalibratedError: the index has no thresholds (``retrieval index calibrate`` adds them).
+            UnknownGranularityError: ``granularity`` is not a calibrated level; the message lists them.
+        """
+        thresholds = self.manifest.thresholds
+        if not thresholds:
+            raise NotCalibratedError(
+                f"index {self.path} has no granularity thresholds; run `retrieval index calibrate {self.path} "
+                "--labels CSV` with labelled validation images first"
+            )
+        if granularity not in thresholds:
+            raise UnknownGranularityError(
+                f"unknown granularity {granularity!r}; index {self.path} is calibrated for {', '.join(thresholds)}"
+            )
+        return thresholds[granularity]
+
+    def search(self, query_embeddings: np.ndarray, k: int, granularity: str | None = None) -> list[SearchResults]:
         """Nearest gallery items for each query embedding, joined with their metadata.
+
+        When the index is calibrated every hit carries ``level``, the finest level whose threshold its
+        score reaches. With ``granularity``, only the hits reaching that level's threshold are kept, at
+        most ``k``. That is one k-NN search followed by a filter, and it is exact: the passing hits are a
+        prefix of the ranking, so the best ``k`` passing hits are the passing hits among the best ``k``
+        (for an approximate index, as exact as its k-NN search). Fewer than ``k`` hits means fewer items
+        pass; ask for a larger ``k`` to see more of them.
 
         Args:
             query_embeddings: ``(Q, dim)`` L2-normalised float32 embeddings from an encoder compatible
                 with ``manifest.encoder_id``.
-            k: hits wanted per query (fewer when the index holds fewer items).
+            k: hits wanted per query (fewer when the index holds fewer items, or fewer pass ``granularity``).
+            granularity: a calibrated level name (e.g. ``"middle"``), or ``None`` for a plain k-NN search.
 
         Returns:
             One ``SearchResults`` per query, best first.
 
         Raises:
             ValueError: wrong shape or dimension, or a non-positive ``k``.
+            NotCalibratedError, UnknownGranularityError: see :meth:`threshold`.
         """
+        if granularity is not None:
+            self.threshold(granularity)  # fail before searching
         queries = np.asarray(query_embeddings)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings must have shape (Q, {self.dim}) for this index, got {queries.shape}")
         scores, ids = self.index.search(queries, k)
         wanted = np.unique(ids[ids != NO_ID])
         rows = self.metadata.get_many(wanted.tolist())
+        thresholds = self.manifest.thresholds
         results = []
         for q_scores, q_ids in zip(scores, ids, strict=True):
             hits = []
@@ -217,7 +249,12 @@ class IndexDirectory(Closeable):
                         labels=dict(row.labels) if row else {},
                     )
                 )
-            results.append(SearchResults(tuple(hits)))
+            found = SearchResults(tuple(hits))
+            if thresholds:
+                found = tag_hits(found, thresholds)
+            if granularity is not None:
+                found = filter_by_granularity(found, thresholds, granularity)
+            results.append(found)
         return results
 
     def info(self) -> dict[str, Any]:

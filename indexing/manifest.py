@@ -9,12 +9,15 @@ with a clear message instead of returning meaningless neighbours.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
+from indexing.calibration import Calibration
 from indexing.errors import IndexFormatError
 from retrieval.config import StrictModel
 
@@ -24,6 +27,12 @@ __all__ = ["INDEX_FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "Manifest"]
 INDEX_FORMAT_VERSION = 1
 #: Versions this code can open.
 SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1})
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _now_iso() -> str:
@@ -42,7 +51,12 @@ class Manifest(StrictModel):
         encoder_id: id of the encoder whose embeddings the index holds; query encoders must match it.
         encoder_path: the checkpoint that built the index, used as the default query encoder.
         levels: label levels of the metadata labels, finest first.
-        thresholds: calibrated similarity threshold per level, for search at a granularity.
+        thresholds: calibrated similarity threshold per level, finest first, for search at a granularity;
+            empty when the index is not calibrated.
+        calibration: the full calibration report (``indexing.calibration.Calibration.to_dict()``: objective,
+            and per level threshold, precision, recall, F1), or ``None``. When present, ``thresholds`` is
+            filled from it if left empty and must otherwise agree with it. Optional, so manifests written
+            before calibration existed still load (the format version is unchanged).
         created_at: ISO-8601 UTC time the index was written.
         skipped: number of gallery files skipped as unreadable when the index was built.
     """
@@ -58,10 +72,55 @@ class Manifest(StrictModel):
     thresholds: dict[str, float] = Field(default_factory=dict)
     created_at: str = Field(default_factory=_now_iso)
     skipped: int = Field(default=0, ge=0)
+    calibration: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _thresholds_from_calibration(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("calibration"), dict) and not data.get("thresholds"):
+            levels = data["calibration"].get("levels")
+            if isinstance(levels, list) and all(isinstance(e, dict) and "level" in e for e in levels):
+                data = {**data, "thresholds": {e["level"]: e.get("threshold") for e in levels}}
+        return data
+
+    @model_validator(mode="after")
+    def _calibration_agrees(self) -> Manifest:
+        if self.calibration is None:
+            return self
+        calibration = Calibration.from_dict(self.calibration)  # ValueError -> ValidationError
+        if self.levels and calibration.level_names != self.levels:
+            raise ValueError(f"calibration levels {calibration.level_names} differ from the index levels {self.levels}")
+        if self.thresholds != calibration.thresholds:
+            raise ValueError(f"thresholds {self.thresholds} disagree with the calibration's {calibration.thresholds}")
+        return self
+
+    def calibrated(self) -> Calibration | None:
+        """The stored calibration, or ``None`` when the index was never calibrated."""
+        return None if self.calibration is None else Calibration.from_dict(self.calibration)
 
     def write(self, path: str | Path) -> None:
-        """Write the manifest as indented JSON."""
-        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+        """Write the manifest as indented JSON, atomically: a temporary sibling, fsync, then ``os.replace``.
+
+        A reader (or a crash) therefore sees either the previous manifest or the new one, never a torn file;
+        this is what lets ``retrieval index calibrate`` update a live index directory in place.
+        """
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.model_dump_json(indent=2) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; keep the permissions of a plain write
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def read(cls, path: str | Path) -> Manifest:

@@ -28,16 +28,23 @@ class SearchHit:
         score: inner product of the L2-normalised query and item embeddings (cosine similarity).
         path: the item's image path or display name, when the metadata has one.
         labels: the item's class name per label level, e.g. ``{"fine": "red-shirt", "coarse": "top"}``.
+        level: the finest label level whose calibrated threshold the score reaches (see
+            :mod:`indexing.granularity`); ``None`` when the index is not calibrated or the score is below
+            every threshold.
     """
 
     id: int
     score: float
     path: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    level: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable form, the shape the HTTP API returns."""
-        return {"id": self.id, "score": self.score, "path": self.path, "labels": dict(self.labels)}
+        """Plain JSON-serialisable form, the shape the HTTP API returns; ``"level"`` only when the hit has one."""
+        payload: dict[str, Any] = {"id": self.id, "score": self.score, "path": self.path, "labels": dict(self.labels)}
+        if self.level is not None:
+            payload["level"] = self.level
+        return payload
 
 
 @dataclass(frozen=True)
@@ -94,5 +101,5 @@ class SearchResults:
         return SearchResults(self.hits[:k])
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable form: ``{"hits": [{"id", "score", "path", "labels"}, ...]}``."""
+        """Plain JSON-serialisable form: ``{"hits": [{"id", "score", "path", "labels"[, "level"]}, ...]}``."""
         return {"hits": [hit.to_dict() for hit in self.hits]}

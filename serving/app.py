@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from indexing.errors import NotCalibratedError, UnknownGranularityError
 from retrieval.data.images import CorruptImageError, decode_image_bytes
 from serving.engine import SearchEngine
 from serving.limits import BodySizeLimitMiddleware, too_large_message
@@ -41,9 +42,13 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
     the app then uses it instead of opening a second one, and closes it at shutdown.
 
     Endpoints:
-        ``POST /v1/search``: multipart form with a file field ``image`` and an optional ``k``
-        (form field or query parameter, 1..``max_k``, default ``default_k``); returns
-        ``{"k", "took_ms", "hits": [{"id", "score", "path", "labels"}]}``.
+        ``POST /v1/search``: multipart form with a file field ``image``, an optional ``k``
+        (form field or query parameter, 1..``max_k``, default ``default_k``) and an optional
+        ``granularity`` (form field or query parameter: a calibrated level; only hits above its
+        threshold are returned, up to ``k``); returns ``{"k", "took_ms", "hits": [{"id", "score",
+        "path", "labels"[, "level"]}]}`` (plus ``"granularity"`` when one was asked). Hits of a
+        calibrated index carry ``level``. An unknown level is a 422, a granularity asked of an
+        uncalibrated index a 400, each with a JSON ``{"detail": message}``.
         ``GET /v1/healthz``: ``{"status": "ok", "count", "encoder_id", "query_encoder_id", "dim"}``.
     """
 
@@ -68,10 +73,20 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
         image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, ...)")],
         k_form: Annotated[int | None, Form(alias="k", ge=1, le=settings.max_k)] = None,
         k_query: Annotated[int | None, Query(alias="k", ge=1, le=settings.max_k)] = None,
+        granularity_form: Annotated[str | None, Form(alias="granularity", max_length=64)] = None,
+        granularity_query: Annotated[str | None, Query(alias="granularity", max_length=64)] = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         engine: SearchEngine = request.app.state.engine
         k = k_form or k_query or settings.default_k
+        granularity = granularity_form or granularity_query
+        if granularity is not None:
+            try:
+                engine.index_dir.threshold(granularity)  # answer before reading and decoding the upload
+            except UnknownGranularityError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            except NotCalibratedError as exc:
+                raise HTTPException(status_code=400, detail=str(exc)) from None
         name = image.filename or "<upload>"
         data = await image.read(max_bytes + 1)
         if len(data) > max_bytes:
@@ -80,12 +95,13 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
             query = await run_in_threadpool(decode_image_bytes, data, name)
         except CorruptImageError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
-        results = await run_in_threadpool(engine.search, [query], k)
-        return {
-            "k": k,
-            "took_ms": round((time.perf_counter() - start) * 1000.0, 3),
-            "hits": [hit.to_dict() for hit in results[0]],
-        }
+        results = await run_in_threadpool(engine.search, [query], k, granularity)
+        body: dict[str, Any] = {"k": k}
+        if granularity is not None:
+            body["granularity"] = granularity
+        body["took_ms"] = round((time.perf_counter() - start) * 1000.0, 3)
+        body["hits"] = [hit.to_dict() for hit in results[0]]
+        return body
 
     @app.get("/v1/healthz")
     async def healthz(request: Request) -> dict[str, Any]:

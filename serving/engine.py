@@ -91,22 +91,36 @@ class SearchEngine(Closeable):
     def dim(self) -> int:
         return self.index_dir.dim
 
-    def search(self, images: Sequence[Image.Image], k: int) -> list[SearchResults]:
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The index's calibrated ``{level: threshold}``, finest first; empty when it is not calibrated."""
+        return dict(self.index_dir.manifest.thresholds)
+
+    def search(self, images: Sequence[Image.Image], k: int, granularity: str | None = None) -> list[SearchResults]:
         """The ``k`` nearest gallery items of each query image, best first.
+
+        Hits of a calibrated index carry ``level``, the finest level whose threshold they reach. With
+        ``granularity``, only hits reaching that level's threshold are returned, up to ``k`` (see
+        ``IndexDirectory.search``).
 
         Args:
             images: query images (any mode; converted to RGB by the preprocessing).
-            k: hits per query (fewer when the index holds fewer items).
+            k: hits per query (fewer when the index holds fewer items, or fewer pass ``granularity``).
+            granularity: a calibrated level name, or ``None`` for a plain k-NN search.
 
         Raises:
             ValueError: a non-positive ``k``.
+            indexing.NotCalibratedError: a granularity asked of an index without thresholds.
+            indexing.UnknownGranularityError: a granularity that is not a calibrated level.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if granularity is not None:
+            self.index_dir.threshold(granularity)  # before the encoder runs
         if not images:
             return []
         embeddings = self.query_encoder.encode(images)
-        return self.index_dir.search(embeddings, k)
+        return self.index_dir.search(embeddings, k, granularity=granularity)
 
     def close(self) -> None:
         self.index_dir.close()

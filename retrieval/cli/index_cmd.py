@@ -1,4 +1,4 @@
-"""``retrieval index build|info``: embed a gallery into an index directory and describe one."""
+"""``retrieval index build|info|calibrate``: embed a gallery into an index directory, describe and calibrate one."""
 
 from __future__ import annotations
 
@@ -68,3 +68,56 @@ def info(
     width = max(len(k) for k in details)
     for key, value in details.items():
         console.print(f"{key:<{width}}  {value}", highlight=False)
+
+
+def calibrate(
+    index: Path = typer.Argument(..., help="Index directory to calibrate (its manifest.json is rewritten atomically)."),
+    labels: Path = typer.Option(
+        ..., "--labels", help="Labelled validation images: a CSV with 'path' and one column per index level."
+    ),
+    objective: str = typer.Option("f1", "--objective", help="'f1' (best F1 per level) or 'precision>=P'."),
+    encoder: Path | None = typer.Option(
+        None, "--encoder", help="Encoder checkpoint directory; default: the one that built the index."
+    ),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
+    device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+) -> None:
+    """Choose one similarity threshold per label level and store them in the index's manifest.
+
+    The validation images are embedded by the index's encoder and paired with each other,
+    leave-one-out (every ordered pair of distinct images; positive at a level when both share
+    its class); per level, the threshold that best meets the objective over those pairs is kept,
+    in ruler order (fine >= middle >= coarse). The levels of --labels must be the index's. Prints
+    threshold, precision, recall and F1 per level. Afterwards hits carry their level and
+    `retrieval search --granularity LEVEL` keeps the hits above that level's threshold.
+    """
+    with user_errors():
+        from indexing.calibrate_index import calibrate_index
+
+        result = calibrate_index(
+            index,
+            labels,
+            objective,
+            encoder_path=encoder,
+            batch_size=batch_size,
+            device=device,
+            num_workers=workers,
+            progress=not as_json,
+        )
+    if as_json:
+        print_json(
+            {
+                "index": str(index),
+                "images": result.images,
+                "skipped": len(result.skipped),
+                "thresholds": result.calibration.thresholds,
+                "calibration": result.calibration.to_dict(),
+            }
+        )
+        return
+    console.print(f"calibrated {index} on {result.images} validation images (leave-one-out pairs)", highlight=False)
+    console.print(result.calibration.format_table(), highlight=False)
+    if len(result.skipped):
+        console.print(f"[yellow]skipped {len(result.skipped)} unreadable validation images[/]")

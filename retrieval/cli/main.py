@@ -34,7 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Datasets: generate the synthetic hierarchical gallery.", no_args_is_help=True)
-index_app = typer.Typer(help="Build and inspect index directories.", no_args_is_help=True)
+index_app = typer.Typer(help="Build, inspect and calibrate index directories.", no_args_is_help=True)
 evaluate_app = typer.Typer(help="Offline evaluation protocols.", no_args_is_help=True)
 
 app.command("quickstart")(quickstart_cmd.quickstart)
@@ -45,6 +45,7 @@ app.command("serve")(serve_cmd.serve)
 data_app.command("synth")(data_cmd.synth)
 index_app.command("build")(index_cmd.build)
 index_app.command("info")(index_cmd.info)
+index_app.command("calibrate")(index_cmd.calibrate)
 evaluate_app.command("recall")(evaluate_cmd.recall)
 evaluate_app.command("dyml")(evaluate_dyml_cmd.dyml)
 evaluate_app.command("revisited")(evaluate_revisited_cmd.revisited)

@@ -16,11 +16,18 @@ def search(
         None, "--query-encoder", help="Checkpoint dir or .onnx file; default: the encoder that built the index."
     ),
     k: int = typer.Option(10, "--k", min=1, help="Number of hits per query."),
+    granularity: str | None = typer.Option(
+        None,
+        "--granularity",
+        help="Keep only hits above this level's calibrated threshold (fine, middle, coarse ...; up to --k); "
+        "needs an index calibrated with `retrieval index calibrate`.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Embed each query image and print its k nearest gallery images (id, score, path, labels).
 
-    An unreadable query image is reported and skipped; the other queries still run.
+    On a calibrated index every hit also shows its level: the finest label level whose threshold
+    its score reaches. An unreadable query image is reported and skipped; the other queries still run.
     """
     with user_errors():
         from retrieval.data.images import CorruptImageError, load_image
@@ -33,7 +40,7 @@ def search(
             except CorruptImageError as exc:
                 failures.append({"query": str(path), "error": str(exc)})
         with SearchEngine.open(index, query_encoder) as engine:
-            results = engine.search([img for _, img in loaded], k=k) if loaded else []
+            results = engine.search([img for _, img in loaded], k=k, granularity=granularity)
     payload = [{"query": str(p), **r.to_dict()} for (p, _), r in zip(loaded, results, strict=True)]
     if as_json:
         print_json({"results": payload, "errors": failures})
@@ -42,8 +49,9 @@ def search(
             console.print(f"[bold]{item['query']}[/]")
             for rank, hit in enumerate(item["hits"], start=1):
                 labels = " ".join(f"{lvl}={name}" for lvl, name in (hit.get("labels") or {}).items())
+                level = f"  level={hit['level']}" if hit.get("level") else ""
                 console.print(
-                    f"  {rank:>3}. {hit['score']:.4f}  id={hit['id']}  {hit['path']}  {labels}", highlight=False
+                    f"  {rank:>3}. {hit['score']:.4f}{level}  id={hit['id']}  {hit['path']}  {labels}", highlight=False
                 )
         for failure in failures:
             console.print(f"[red]error:[/] {failure['error']}", highlight=False)

@@ -78,3 +78,59 @@ def test_bad_inputs_are_one_line_errors(synth_dir, tiny_checkpoint, tmp_path):
 def test_serve_reports_invalid_environment_settings(tmp_path):
     result = runner.invoke(app, ["serve", "--index", str(tmp_path)], env={"RETRIEVAL_MAX_K": "0"})
     assert result.exit_code == 2 and "invalid server settings" in result.output and "max_k" in result.output
+
+
+def test_calibrate_then_search_at_a_granularity(synth_dir, tiny_checkpoint, tmp_path):
+    index = tmp_path / "index"
+    _json(["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir / "test"),
+           "--out", str(index)])  # fmt: skip
+    query = next((synth_dir / "test").glob("*/0000.png"))
+    uncalibrated = runner.invoke(app, ["search", "--index", str(index), str(query), "--granularity", "fine"])
+    assert uncalibrated.exit_code == 2 and "retrieval index calibrate" in uncalibrated.output
+    index_file = (index / "index.faiss").read_bytes()
+
+    calibrated = _json(["index", "calibrate", str(index), "--labels", str(synth_dir / "train" / "labels.csv")])
+    thresholds = calibrated["thresholds"]
+    assert list(thresholds) == ["fine", "middle", "coarse"]
+    assert list(thresholds.values()) == sorted(thresholds.values(), reverse=True)  # ruler order
+    for entry in calibrated["calibration"]["levels"]:
+        assert set(entry) >= {"threshold", "precision", "recall", "f1"} and entry["pairs"] > 0
+    assert (index / "index.faiss").read_bytes() == index_file  # only the manifest changed
+    info = _json(["index", "info", str(index)])
+    assert info["thresholds"] == thresholds and info["calibration"] == calibrated["calibration"]
+
+    table = runner.invoke(app, ["index", "calibrate", str(index), "--labels", str(synth_dir / "train" / "labels.csv"),
+                                "--objective", "precision>=0.5"])  # fmt: skip
+    assert table.exit_code == 0, table.output
+    assert "precision" in table.output and "recall" in table.output and "middle" in table.output
+
+    thresholds = _json(["index", "info", str(index)])["thresholds"]
+    everything = _json(["search", "--index", str(index), str(query), "--k", "100"])["results"][0]["hits"]
+    assert everything[0]["level"] == "fine"
+    for level, threshold in thresholds.items():
+        found = _json(["search", "--index", str(index), str(query), "--k", "3", "--granularity", level])
+        hits = found["results"][0]["hits"]
+        assert [h["id"] for h in hits] == [h["id"] for h in everything if h["score"] >= threshold][:3]
+        assert all(h["score"] >= threshold and h["level"] is not None for h in hits)
+
+    unknown = runner.invoke(app, ["search", "--index", str(index), str(query), "--granularity", "tiny"])
+    assert unknown.exit_code == 2 and "unknown granularity 'tiny'" in unknown.output
+
+
+def test_calibrate_refuses_labels_without_the_index_levels(synth_dir, tiny_checkpoint, tmp_path):
+    index = tmp_path / "index"
+    _json(["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir / "val"),
+           "--out", str(index)])  # fmt: skip
+    labels = tmp_path / "fine_only.csv"
+    rows = (synth_dir / "train" / "labels.csv").read_text().splitlines()
+    labels.write_text("\n".join(",".join(row.split(",")[:2]) for row in rows) + "\n")
+    cases = [
+        (["--labels", str(labels)], "missing label column(s) 'middle', 'coarse'"),
+        (["--labels", str(synth_dir / "train" / "labels.csv"), "--objective", "recall"], "unknown objective"),
+        (["--labels", str(tmp_path / "nope.csv")], "nope.csv"),
+    ]
+    for extra, expected in cases:
+        result = runner.invoke(app, ["index", "calibrate", str(index), *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert expected in result.output and "Traceback" not in result.output, (extra, result.output)
+    assert _json(["index", "info", str(index)])["calibration"] is None

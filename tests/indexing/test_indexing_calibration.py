@@ -16,7 +16,7 @@ from indexing.calibration import (
     parse_objective,
     thresholds_from_counts,
 )
-from indexing.granularity import TaggedHit, filter_by_granularity, finest_level, level_thresholds, tag_hits
+from indexing.granularity import filter_by_granularity, finest_level, level_thresholds, tag_hits
 from indexing.results import SearchHit, SearchResults
 
 LEVELS = ("fine", "middle", "coarse")
@@ -332,8 +332,10 @@ def test_finest_level_and_tags():
     assert finest_level(0.1, THRESHOLDS) is None
     tagged = tag_hits(_hits(), THRESHOLDS)
     assert [t.level for t in tagged] == ["fine", "fine", "middle", "middle", "coarse", None]
-    assert tagged[2] == TaggedHit(_hits()[2], "middle")
+    assert tagged.ids == _hits().ids and tagged.scores == _hits().scores
+    assert tagged[2] == SearchHit(id=12, score=0.7, path="2.jpg", level="middle")
     assert tagged[2].to_dict() == {"id": 12, "score": 0.7, "path": "2.jpg", "labels": {}, "level": "middle"}
+    assert "level" not in tagged[5].to_dict()  # below every threshold: no level
     with pytest.raises(ValueError, match="finite"):
         finest_level(float("nan"), THRESHOLDS)
 

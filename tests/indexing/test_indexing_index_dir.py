@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexing.errors import IndexFormatError
+from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError
 from indexing.faiss_index import FaissIndex
 from indexing.index_dir import open_index_dir, write_index_dir
 from indexing.manifest import Manifest
@@ -218,3 +218,78 @@ def test_killed_writer_leaves_the_previous_index_loadable(tmp_path):
     _write(target, seed=1, n=3)
     with open_index_dir(target) as directory:
         assert directory.manifest.encoder_id == "enc1" and len(directory) == 3
+
+
+# --- calibration in the manifest and search at a granularity -----------------------------------------------
+
+CALIBRATION = {
+    "objective": "f1",
+    "bins": 1024,
+    "levels": [
+        {"level": "fine", "threshold": 0.5, "precision": 0.9, "recall": 0.8, "f1": 0.85, "positives": 10,
+         "pairs": 90, "raw_threshold": 0.5},
+        {"level": "coarse", "threshold": 0.0, "precision": 0.7, "recall": 0.9, "f1": 0.79, "positives": 40,
+         "pairs": 90, "raw_threshold": 0.0},
+    ],
+}  # fmt: skip
+
+
+def test_manifest_round_trip_with_and_without_calibration(tmp_path):
+    plain = Manifest(dim=DIM, count=3, encoder_id="e", levels=["fine", "coarse"])
+    plain.write(tmp_path / "plain.json")
+    assert Manifest.read(tmp_path / "plain.json") == plain
+    assert plain.calibration is None and plain.calibrated() is None and plain.thresholds == {}
+
+    calibrated = Manifest(dim=DIM, count=3, encoder_id="e", levels=["fine", "coarse"], calibration=CALIBRATION)
+    assert calibrated.thresholds == {"fine": 0.5, "coarse": 0.0}  # filled from the calibration
+    calibrated.write(tmp_path / "calibrated.json")
+    again = Manifest.read(tmp_path / "calibrated.json")
+    assert again == calibrated and again.calibrated().thresholds == calibrated.thresholds
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+    # a manifest written before calibration existed (no "calibration" key) still loads
+    legacy = json.loads((tmp_path / "plain.json").read_text())
+    del legacy["calibration"]
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert Manifest.read(tmp_path / "legacy.json") == plain
+
+
+def test_manifest_refuses_a_calibration_that_disagrees(tmp_path):
+    base = {"format_version": 1, "dim": DIM, "count": 3, "encoder_id": "e", "levels": ["fine", "coarse"]}
+    cases = [
+        ({"calibration": CALIBRATION, "thresholds": {"fine": 0.6, "coarse": 0.0}}, "disagree"),
+        ({"calibration": CALIBRATION, "levels": ["fine", "middle"]}, "differ from the index levels"),
+        ({"calibration": {**CALIBRATION, "levels": CALIBRATION["levels"][::-1]}}, "ruler order"),
+        ({"calibration": {"levels": "nope"}}, "calibration"),
+    ]
+    for extra, expected in cases:
+        (tmp_path / "m.json").write_text(json.dumps({**base, **extra}))
+        with pytest.raises(IndexFormatError, match=expected):
+            Manifest.read(tmp_path / "m.json")
+
+
+def test_search_at_a_granularity_filters_and_tags(tmp_path):
+    vectors = _write(tmp_path / "idx", seed=5, n=40)
+    with open_index_dir(tmp_path / "idx") as plain:
+        (untagged,) = plain.search(vectors[:1], k=5)
+        assert all(hit.level is None for hit in untagged) and "level" not in untagged[0].to_dict()
+        with pytest.raises(NotCalibratedError, match="retrieval index calibrate"):
+            plain.search(vectors[:1], k=5, granularity="fine")
+        manifest = plain.manifest
+    calibrated = Manifest.model_validate({**manifest.model_dump(), "calibration": CALIBRATION, "thresholds": {}})
+    calibrated.write(tmp_path / "idx" / "manifest.json")
+
+    queries = _unit(9, 6)
+    with open_index_dir(tmp_path / "idx") as index_dir:
+        full = index_dir.search(queries, k=40)
+        coarse = index_dir.search(queries, k=40, granularity="coarse")
+        fine_top3 = index_dir.search(queries, k=3, granularity="fine")
+        with pytest.raises(UnknownGranularityError, match="calibrated for fine, coarse"):
+            index_dir.search(queries, k=3, granularity="middle")
+    for everything, kept, top3 in zip(full, coarse, fine_top3, strict=True):
+        for hit in everything:
+            assert hit.level == ("fine" if hit.score >= 0.5 else "coarse" if hit.score >= 0.0 else None)
+        # reference: the whole ranking filtered at the threshold, then cut at k
+        assert kept.ids == [h.id for h in everything if h.score >= 0.0]
+        assert top3.ids == [h.id for h in everything if h.score >= 0.5][:3]
+        assert all(hit.level == "fine" for hit in top3)

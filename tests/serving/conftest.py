@@ -58,3 +58,16 @@ def serving_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
 def other_checkpoint(make_checkpoint) -> Path:
     """Same architecture as the tiny checkpoint, different random weights (so a different encoder id)."""
     return make_checkpoint(1)
+
+
+@pytest.fixture(scope="session")
+def calibrated_index(serving_index, serving_gallery, tmp_path_factory) -> Path:
+    """A copy of the serving index calibrated on its own gallery (the original stays uncalibrated)."""
+    import shutil
+
+    from indexing.calibrate_index import calibrate_index
+
+    out = tmp_path_factory.mktemp("calibrated_index") / "index"
+    shutil.copytree(serving_index, out)
+    calibrate_index(out, serving_gallery, batch_size=4, progress=False)
+    return out

@@ -181,8 +181,8 @@ def test_create_app_loads_nothing_and_documents_the_api(tmp_path):
     # The index does not exist: building the app must not touch it (loading happens in the lifespan).
     app = create_app(ServeSettings(index=tmp_path / "no-index", max_k=7))
     spec = app.openapi()
-    (query_k,) = spec["paths"]["/v1/search"]["post"]["parameters"]
-    assert (query_k["name"], query_k["schema"]["anyOf"][0]["maximum"]) == ("k", 7)
+    query = {p["name"]: p for p in spec["paths"]["/v1/search"]["post"]["parameters"]}
+    assert set(query) == {"k", "granularity"} and query["k"]["schema"]["anyOf"][0]["maximum"] == 7
     assert "/v1/healthz" in spec["paths"]
 
 
@@ -202,3 +202,38 @@ def test_serve_reports_wrong_paths_before_starting(serving_index, other_checkpoi
         serve(ServeSettings(index=serving_index, query_encoder=tmp_path / "model.onnx"))
     with pytest.raises(EncoderMismatchError):
         serve(ServeSettings(index=serving_index, query_encoder=other_checkpoint))
+
+
+def test_granularity_on_an_uncalibrated_index_is_400(client, gallery):
+    files = {"image": ("q.png", _png(gallery, 0), "image/png")}
+    response = client.post("/v1/search", files=files, data={"granularity": "fine"})
+    assert response.status_code == 400
+    assert "retrieval index calibrate" in response.json()["detail"]
+    plain = client.post("/v1/search", files=files).json()
+    assert all("level" not in hit for hit in plain["hits"])  # no calibration: no level key
+
+
+def test_search_at_a_granularity(calibrated_index, gallery):
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(index=calibrated_index, default_k=3, max_k=MAX_K, max_upload_mb=UPLOAD_MB)
+    with TestClient(create_app(settings)) as calibrated:
+        thresholds = calibrated.app.state.engine.thresholds
+        files = {"image": ("q.png", _png(gallery, 2), "image/png")}
+        plain = calibrated.post("/v1/search", files=files, data={"k": str(MAX_K)}).json()
+        assert plain["hits"][0]["level"] == "fine" and "granularity" not in plain
+        for level, threshold in thresholds.items():
+            for options in ({"data": {"granularity": level, "k": "5"}}, {"params": {"granularity": level, "k": 5}}):
+                response = calibrated.post("/v1/search", files=files, **options)
+                assert response.status_code == 200, response.text
+                body = response.json()
+                assert body["granularity"] == level and len(body["hits"]) <= 5
+                expected = [h["id"] for h in plain["hits"] if h["score"] >= threshold][:5]
+                assert [h["id"] for h in body["hits"]] == expected
+                assert all(h["score"] >= threshold and "level" in h for h in body["hits"])
+        unknown = calibrated.post("/v1/search", files=files, data={"granularity": "tiny"})
+        assert unknown.status_code == 422
+        assert (
+            "unknown granularity 'tiny'" in unknown.json()["detail"]
+            and "fine, middle, coarse" in unknown.json()["detail"]
+        )

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from indexing import open_index_dir
+from indexing import NotCalibratedError, UnknownGranularityError, open_index_dir
 from models import Encoder, read_checkpoint_info, save_encoder
 from retrieval.data.datasets import CsvImageDataset
+from retrieval.errors import UserFacingError
 from serving.engine import EncoderMismatchError, SearchEngine
 from serving.runtimes import QueryEncoderError, open_query_encoder
 
@@ -88,3 +89,35 @@ def test_engine_refuses_a_student_with_the_wrong_dimension(serving_index, tiny_e
 def test_missing_query_encoder_is_a_clear_error(serving_index, tmp_path):
     with pytest.raises(QueryEncoderError, match="not found"):
         SearchEngine.open(serving_index, tmp_path / "nothing-here")
+
+
+def test_search_at_a_granularity_keeps_hits_above_the_threshold_and_tags_levels(calibrated_index, serving_gallery):
+    from indexing.granularity import finest_level
+
+    gallery = CsvImageDataset(serving_gallery)
+    images = [gallery.load_image(i) for i in range(len(gallery))]
+    with SearchEngine.open(calibrated_index) as engine:
+        thresholds = engine.thresholds
+        assert list(thresholds) == ["fine", "middle", "coarse"]
+        everything = engine.search(images, k=len(gallery))
+        by_level = {level: engine.search(images, k=4, granularity=level) for level in thresholds}
+        with pytest.raises(UnknownGranularityError, match="unknown granularity 'tiny'"):
+            engine.search(images, k=4, granularity="tiny")
+    for q, ranking in enumerate(everything):
+        assert [hit.level for hit in ranking] == [finest_level(hit.score, thresholds) for hit in ranking]
+        assert ranking[0].level == "fine"  # the image itself, score 1
+        for level, results in by_level.items():
+            kept = results[q]
+            assert kept.ids == [h.id for h in ranking if h.score >= thresholds[level]][:4]
+            assert all(hit.score >= thresholds[level] and hit.level is not None for hit in kept)
+
+
+def test_granularity_on_an_uncalibrated_index_is_a_clear_error(serving_index, serving_gallery):
+    gallery = CsvImageDataset(serving_gallery)
+    with SearchEngine.open(serving_index) as engine:
+        assert engine.thresholds == {}
+        (plain,) = engine.search([gallery.load_image(0)], k=3)
+        assert all(hit.level is None for hit in plain)
+        with pytest.raises(NotCalibratedError, match="retrieval index calibrate") as err:
+            engine.search([gallery.load_image(0)], k=3, granularity="fine")
+    assert isinstance(err.value, UserFacingError)

@@ -1,0 +1,152 @@
+"""Calibrate an existing index directory: thresholds from labelled validation images, stored in its manifest.
+
+The validation images are embedded by the encoder that built the index (same preprocessing, same space)
+and paired with each other, leave-one-out: every ordered pair of distinct validation images is one
+(query, hit) example, positive at a level when both share that level's class. Pairing the validation set
+with itself keeps the labels in one vocabulary and the result independent of what the gallery holds (and
+of an approximate index's reconstruction error); the validation images should be drawn like the queries
+and the gallery the index will serve. Only ``manifest.json`` is rewritten (atomically); the FAISS index
+and the metadata are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from indexing.calibration import DEFAULT_BINS, Calibration, calibrate_thresholds, parse_objective
+from indexing.errors import IndexFormatError
+from indexing.extract import extract_embeddings
+from indexing.index_dir import MANIFEST_FILE, open_index_dir
+from indexing.manifest import Manifest
+from models.checkpoint import load_encoder
+from retrieval.data.datasets import DatasetError, LabelledImageDataset, open_dataset
+from retrieval.data.images import SkipReport
+from retrieval.errors import UserFacingError
+
+__all__ = ["CalibrationError", "IndexCalibration", "calibrate_index", "open_validation_set"]
+
+logger = logging.getLogger(__name__)
+
+
+class CalibrationError(UserFacingError, ValueError):
+    """Validation data that cannot calibrate this index (wrong levels, too few images, a bad objective)."""
+
+
+@dataclass(frozen=True)
+class IndexCalibration:
+    """What ``calibrate_index`` did.
+
+    Attributes:
+        calibration: the thresholds and their precision/recall/F1, now stored in the manifest.
+        images: validation images embedded.
+        skipped: validation files left out as unreadable.
+        manifest: the updated manifest.
+    """
+
+    calibration: Calibration
+    images: int
+    skipped: SkipReport
+    manifest: Manifest
+
+
+def open_validation_set(labels: str | Path, levels: list[str]) -> LabelledImageDataset:
+    """Open the labelled validation images with exactly the index's label levels, in its order.
+
+    Extra CSV columns are ignored; a missing level column is an error.
+
+    Raises:
+        CalibrationError: the index records no levels.
+        DatasetError: the CSV lacks one of the levels (the message names it and the index's) or cannot be read.
+    """
+    if not levels:
+        raise CalibrationError("the index records no label levels, so there is nothing to calibrate")
+    try:
+        return open_dataset(labels, levels=levels)
+    except DatasetError as exc:
+        raise DatasetError(f"{exc} (the index's levels are {', '.join(levels)})") from None
+
+
+def calibrate_index(
+    index_path: str | Path,
+    labels: str | Path,
+    objective: str = "f1",
+    *,
+    encoder_path: str | Path | None = None,
+    bins: int = DEFAULT_BINS,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> IndexCalibration:
+    """Calibrate one threshold per label level of ``index_path`` and store it in the index's manifest.
+
+    Args:
+        index_path: an index directory.
+        labels: labelled validation images: a CSV with ``path`` and one column per index level, or a folder
+            holding ``labels.csv``.
+        objective: ``"f1"`` or ``"precision>=P"`` (see :mod:`indexing.calibration`).
+        encoder_path: the encoder checkpoint; default the one that built the index. It must be that encoder
+            (or a student distilled into its space).
+        bins: candidate thresholds over [-1, 1].
+        batch_size: images per forward pass.
+        device: where the encoder runs.
+        num_workers: DataLoader workers decoding images.
+        progress: show a progress bar.
+
+    Raises:
+        IndexFormatError: ``index_path`` is not a valid index directory.
+        CalibrationError: levels that differ from the index's, an encoder from another space, a bad objective,
+            fewer than two readable images, or a level without any pair sharing a class.
+    """
+    try:
+        parse_objective(objective)
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
+    with open_index_dir(index_path) as index_dir:
+        manifest = index_dir.manifest
+        path = index_dir.path
+    dataset = open_validation_set(labels, list(manifest.levels))
+    encoder = load_encoder(_encoder_path(path, manifest, encoder_path), device=device)
+    accepted = {encoder.encoder_id, getattr(encoder.config, "teacher_id", None)} - {None}
+    if manifest.encoder_id not in accepted:
+        raise CalibrationError(
+            f"encoder {encoder.encoder_id} did not build index {path} (built by {manifest.encoder_id}); "
+            "calibrate with the index's own encoder"
+        )
+    extraction = extract_embeddings(
+        encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
+    )
+    if len(extraction) < 2:
+        raise CalibrationError(f"calibration needs at least 2 readable validation images, got {len(extraction)}")
+    try:
+        calibration = calibrate_thresholds(
+            extraction.embeddings,
+            dataset.labels[extraction.indices],
+            schema=list(manifest.levels),
+            objective=objective,
+            bins=bins,
+        )
+    except ValueError as exc:
+        raise CalibrationError(f"cannot calibrate {path} on {labels}: {exc}") from None
+    try:
+        updated = Manifest.model_validate(
+            {**manifest.model_dump(), "calibration": calibration.to_dict(), "thresholds": calibration.thresholds}
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise IndexFormatError(f"index {path}: the calibrated manifest is invalid: {exc}") from None
+    updated.write(path / MANIFEST_FILE)
+    logger.info("calibrated %s on %d images: %s", path, len(extraction), calibration.thresholds)
+    return IndexCalibration(calibration, images=len(extraction), skipped=extraction.skipped, manifest=updated)
+
+
+def _encoder_path(index_path: Path, manifest: Manifest, given: str | Path | None) -> Path:
+    if given is not None:
+        return Path(given)
+    if not manifest.encoder_path:
+        raise CalibrationError(f"index {index_path} does not record the encoder that built it; pass --encoder")
+    recorded = Path(manifest.encoder_path)
+    return recorded if recorded.is_absolute() else index_path / recorded
