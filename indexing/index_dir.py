@@ -9,6 +9,7 @@ hand-edited or mixed-up directory fails with a message instead of returning wron
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError
-from indexing.faiss_index import NO_ID, FaissIndex
+from indexing.faiss_index import NO_ID, FaissIndex, SearchParams
 from indexing.granularity import filter_by_granularity, tag_hits
 from indexing.manifest import Manifest
 from indexing.metadata import MetadataRow, MetadataStore
@@ -34,6 +35,7 @@ __all__ = [
     "IndexDirectory",
     "IndexFormatError",
     "check_replaceable",
+    "file_sha256",
     "open_index_dir",
     "write_index_dir",
 ]
@@ -62,6 +64,11 @@ def write_index_dir(
         manifest: its ``dim`` and ``count`` must match ``index``.
         skipped: files left out of the build; written as ``skipped.tsv`` when non-empty.
 
+    The manifest is written with ``index_sha256`` set to the checksum of the index file just saved
+    (``open_index_dir`` verifies it), and its ``search_params``, when set, are first stored as the
+    index's defaults so that file and manifest agree. Every file is fsynced before the directory is
+    renamed into place (``atomic_directory``).
+
     Returns:
         ``path`` as a ``Path``.
 
@@ -78,8 +85,16 @@ def write_index_dir(
         raise IndexFormatError(f"manifest count {manifest.count} does not match the {index.ntotal} indexed vectors")
     if manifest.factory != index.factory:
         raise IndexFormatError(f"manifest factory {manifest.factory!r} does not match the index's {index.factory!r}")
+    if manifest.search_params:
+        try:
+            index.set_default_params(SearchParams.from_dict(manifest.search_params))
+        except ValueError as exc:
+            raise IndexFormatError(
+                f"manifest search_params {manifest.search_params} do not fit the {index.factory!r} index: {exc}"
+            ) from None
     with atomic_directory(path) as tmp:
         index.save(tmp / INDEX_FILE)
+        manifest = manifest.model_copy(update={"index_sha256": file_sha256(tmp / INDEX_FILE)})
         with MetadataStore(tmp / METADATA_FILE) as store:
             store.add_many(rows)
             stored = store.ids()
@@ -125,8 +140,11 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
     for name in (INDEX_FILE, METADATA_FILE):
         if not (path / name).is_file():
             raise IndexFormatError(f"index directory {path} is incomplete: {name} is missing")
+    _verify_checksum(path, manifest)
     try:
         index = FaissIndex.load(path / INDEX_FILE, factory=manifest.factory)
+        if manifest.search_params:
+            index.set_default_params(SearchParams.from_dict(manifest.search_params))
     except (OSError, ValueError) as exc:
         raise IndexFormatError(f"index directory {path}: {exc}") from exc
     if index.dim != manifest.dim:
@@ -150,6 +168,27 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
             f"index directory {path}: {METADATA_FILE} has {rows} rows but {MANIFEST_FILE} says {manifest.count} items"
         )
     return IndexDirectory(path, manifest, index, metadata)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks so that a large index does not need twice its memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_checksum(path: Path, manifest: Manifest) -> None:
+    """Refuse an index file whose bytes are not the ones written with the manifest (older manifests: no check)."""
+    if manifest.index_sha256 is None:
+        return
+    actual = file_sha256(path / INDEX_FILE)
+    if actual != manifest.index_sha256:
+        raise IndexFormatError(
+            f"index directory {path}: {INDEX_FILE} is corrupt or was modified after the index was written "
+            f"(SHA-256 {actual[:12]}..., {MANIFEST_FILE} expects {manifest.index_sha256[:12]}...); rebuild the index"
+        )
 
 
 def _leftover_hint(path: Path) -> str:

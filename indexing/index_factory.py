@@ -16,11 +16,14 @@ import math
 import re
 from dataclasses import dataclass
 
+from retrieval.config import ConfigError
+
 __all__ = [
     "FactoryChoice",
     "choose_factory",
     "estimate_index_bytes",
     "ivf_nlist",
+    "parse_size",
     "training_sample_size",
 ]
 
@@ -221,6 +224,34 @@ def training_sample_size(factory: str, num_vectors: int) -> int:
     if parts.sq_bits is not None or parts.opq or parts.other_trained:
         need = max(need, DEFAULT_TRAINING_SAMPLE)
     return min(n, need)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size written for ``--memory-budget``: "2GB", "500MB", "1.5G", "512MiB", "1000000".
+
+    Units are decimal (kB, MB, GB, TB, as ``choose_factory`` prints them) or binary with an "i"
+    (KiB, MiB, GiB, TiB); a bare number is bytes.
+
+    Raises:
+        ConfigError: text that is not a positive size.
+    """
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ConfigError(f"invalid size {text!r}: expected a number and a unit, like 2GB, 500MB or 512MiB")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    binary = "i" in unit
+    prefix = unit.rstrip("b").rstrip("i")
+    if binary and not prefix:
+        raise ConfigError(f"invalid size {text!r}: expected a number and a unit, like 2GB, 500MB or 512MiB")
+    scale = 1024 ** "kmgt".index(prefix) * 1024 if binary else _SIZE_UNITS[prefix]
+    size = int(number * scale)
+    if size <= 0:
+        raise ConfigError(f"invalid size {text!r}: it must be positive")
+    return size
 
 
 @dataclass(frozen=True)

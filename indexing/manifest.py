@@ -59,6 +59,16 @@ class Manifest(StrictModel):
             before calibration existed still load (the format version is unchanged).
         created_at: ISO-8601 UTC time the index was written.
         skipped: number of gallery files skipped as unreadable when the index was built.
+        factory_reason: why ``factory`` was chosen (``choose_factory``'s sentence for ``--factory auto``,
+            or "given"), or ``None`` for manifests written before it was recorded.
+        search_params: the search parameters (FAISS names: ``nprobe``, ``efSearch``) tuned at build time and
+            applied as the index's defaults when it is opened; ``None`` for exact or untuned indexes.
+        tuning: how ``search_params`` were tuned (``target_recall``, measured ``recall`` at ``k``,
+            ``num_queries``, ``reached``), or ``None``.
+        index_sha256: SHA-256 of ``index.faiss``, checked on open so a corrupt or modified file is an
+            error rather than wrong hits; ``None`` in manifests written before checksums (not checked).
+
+    The last four fields are optional, so older manifests still load with the same format version.
     """
 
     format_version: int = INDEX_FORMAT_VERSION
@@ -73,6 +83,10 @@ class Manifest(StrictModel):
     created_at: str = Field(default_factory=_now_iso)
     skipped: int = Field(default=0, ge=0)
     calibration: dict[str, Any] | None = None
+    factory_reason: str | None = None
+    search_params: dict[str, int] | None = None
+    tuning: dict[str, Any] | None = None
+    index_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="before")
     @classmethod

@@ -13,7 +13,17 @@ def build(
     encoder: Path = typer.Option(..., "--encoder", help="Encoder checkpoint directory that embeds the gallery."),
     images: Path = typer.Option(..., "--images", help="Gallery: a CSV (path + label columns) or an image folder."),
     out: Path = typer.Option(..., "--out", help="Index directory to write (replaced atomically if it exists)."),
-    factory: str = typer.Option("Flat", help="FAISS index factory string (Flat = exact search)."),
+    factory: str = typer.Option(
+        "auto",
+        help="FAISS index factory string (Flat = exact search; HNSW32; IVF1024,Flat; IVF4096,PQ64 ...) or 'auto': "
+        "chosen from the gallery size and --memory-budget (exact Flat below 50k images).",
+    ),
+    memory_budget: str | None = typer.Option(
+        None, "--memory-budget", help="Memory the index may take with --factory auto, e.g. 2GB, 500MB, 512MiB."
+    ),
+    target_recall: float = typer.Option(
+        0.95, "--target-recall", help="Recall@10 that an approximate index's nprobe/efSearch are tuned to reach."
+    ),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
@@ -22,7 +32,9 @@ def build(
     """Embed every gallery image and write an index directory (manifest, FAISS index, SQLite metadata).
 
     Corrupt or unreadable images are skipped and listed in OUT/skipped.tsv; the build
-    goes on and the summary counts them.
+    goes on and the summary counts them. The index type and why it was chosen are printed and
+    recorded in the manifest; an approximate index has its search parameter (nprobe, efSearch)
+    tuned to --target-recall on a sample of the gallery, stored as its default.
     """
     with user_errors():
         from indexing.builder import build_index
@@ -38,17 +50,33 @@ def build(
             device=device,
             num_workers=workers,
             progress=not as_json,
+            memory_budget=memory_budget,
+            target_recall=target_recall,
         )
     result = {
         "index": str(out),
         "count": summary.count,
         "skipped": len(summary.skipped),
         "seconds": round(summary.seconds, 2),
+        "factory": summary.factory,
+        "factory_reason": summary.factory_reason,
+        "search_params": summary.search_params,
+        "tuning": summary.tuning,
     }
     if as_json:
         print_json(result)
         return
     console.print(f"indexed {summary.count} images into {out} in {summary.seconds:.1f}s")
+    console.print(f"index type {summary.factory}: {summary.factory_reason}", highlight=False)
+    if summary.tuning is not None:
+        tuning = summary.tuning
+        params = ", ".join(f"{k}={v}" for k, v in (summary.search_params or {}).items()) or "no search parameter"
+        verdict = "reaches" if tuning["reached"] else "[yellow]falls short of[/]"
+        console.print(
+            f"tuned {params}: recall@{tuning['k']} {tuning['recall']:.3f} {verdict} the target "
+            f"{tuning['target_recall']:.3f} on {tuning['num_queries']} gallery queries",
+            highlight=False,
+        )
     if len(summary.skipped):
         console.print(f"[yellow]skipped {len(summary.skipped)} unreadable images; see {out / 'skipped.tsv'}[/]")
 

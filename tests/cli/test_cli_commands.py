@@ -66,8 +66,10 @@ def test_bad_inputs_are_one_line_errors(synth_dir, tiny_checkpoint, tmp_path):
         (["train", "--set", "optim.lrr=1"], "optim.lrr"),
         (["evaluate", "recall", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir), "--ks", "5,5"], "--ks"),
     ]
+    build = ["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir / "test")]
+    cases.append(([*build, "--out", str(tmp_path / "i"), "--memory-budget", "lots"], "invalid size 'lots'"))
+    cases.append(([*build, "--out", str(tmp_path / "i"), "--target-recall", "1.5"], "target recall"))
     if not torch.cuda.is_available():
-        build = ["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir / "test")]
         cases.append(([*build, "--out", str(tmp_path / "i"), "--device", "cuda:7"], "cuda:7"))
     for args, expected in cases:
         result = runner.invoke(app, args)

@@ -10,9 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from indexing.builder import build_index
+from indexing.builder import build_index, make_index
 from indexing.extract import extract_embeddings
-from indexing.index_dir import open_index_dir
+from indexing.faiss_index import SearchParams
+from indexing.index_dir import open_index_dir, write_index_dir
+from indexing.index_factory import parse_size
+from indexing.manifest import Manifest
+from indexing.metadata import MetadataRow
 from models import load_encoder, read_checkpoint_info
 from retrieval.data.datasets import CsvImageDataset
 from retrieval.data.transforms import build_transforms
@@ -86,6 +90,11 @@ def test_build_index_end_to_end(tiny_checkpoint, gallery, tmp_path):
         assert manifest.encoder_id == read_checkpoint_info(tiny_checkpoint).encoder_id == summary.encoder_id
         assert manifest.encoder_path == str(tiny_checkpoint.resolve()) and Path(manifest.encoder_path).is_absolute()
         assert manifest.levels == ["fine", "middle", "coarse"]
+        # the default factory is "auto": a small gallery gets exact search, and the manifest says why
+        assert manifest.factory == "Flat" and summary.factory == "Flat"
+        assert manifest.factory_reason.startswith("auto: ") and "exact search" in manifest.factory_reason
+        assert manifest.search_params is None and manifest.tuning is None
+        assert manifest.index_sha256 is not None and len(manifest.index_sha256) == 64
 
         kept = [i for i in range(8) if i != CORRUPT]
         queries = _reference_embeddings(tiny_checkpoint, dataset, kept)
@@ -121,3 +130,71 @@ def test_build_index_rejects_bad_factories_and_outputs_clearly(tiny_checkpoint, 
         build_index(tiny_checkpoint, dataset, photos, progress=False)
     assert (photos / "keep.jpg").read_bytes() == b"precious"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_build_index_tunes_an_explicit_approximate_factory(tiny_checkpoint, gallery, tmp_path):
+    dataset = CsvImageDataset(gallery)
+    summary = build_index(tiny_checkpoint, dataset, tmp_path / "ivf", factory="IVF2,Flat", progress=False)
+    assert summary.factory == "IVF2,Flat" and "given explicitly" in summary.factory_reason
+    assert set(summary.search_params) == {"nprobe"} and 1 <= summary.search_params["nprobe"] <= 2
+    assert summary.tuning["target_recall"] == 0.95 and summary.tuning["num_queries"] == 7
+    with open_index_dir(tmp_path / "ivf") as directory:
+        assert directory.manifest.search_params == summary.search_params
+        assert directory.manifest.tuning == summary.tuning
+        assert directory.index.default_params.nprobe == summary.search_params["nprobe"]
+
+
+def test_build_index_refuses_a_memory_budget_with_a_given_factory(tiny_checkpoint, gallery, tmp_path):
+    from retrieval.config import ConfigError
+
+    with pytest.raises(ConfigError, match="only applies to factory 'auto'"):
+        build_index(tiny_checkpoint, CsvImageDataset(gallery), tmp_path / "x", factory="Flat", memory_budget="1GB")
+    with pytest.raises(ConfigError, match="cannot fit"):  # not even 4-byte PQ codes fit in 10 bytes
+        build_index(tiny_checkpoint, CsvImageDataset(gallery), tmp_path / "x", memory_budget=10, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def _unit_noise(n: int, d: int, seed: int) -> np.ndarray:
+    """Unclustered vectors: neighbours spread over several IVF lists, so the tuned nprobe must exceed 1."""
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("factory", "budget", "expected"),
+    [("IVF16,Flat", None, "IVF16,Flat"), ("auto", "20kB", "IVF8,SQ8")],  # 20 kB: Flat, HNSW and IVF-Flat too big
+)
+def test_tuned_params_round_trip_through_the_manifest_and_apply_at_search(tmp_path, factory, budget, expected):
+    vectors, ids = _unit_noise(400, 16, seed=0), np.arange(400, dtype=np.int64) * 3
+    built = make_index(vectors, ids, factory, memory_budget=budget, target_recall=0.9)
+    assert built.factory == expected and built.tuning is not None and built.tuning.reached
+    fields = built.manifest_fields()
+    nprobe = fields["search_params"]["nprobe"]
+    assert nprobe > 1  # FAISS's default of 1 would not reach the target on these vectors
+    assert fields["tuning"]["recall"] >= 0.9 and fields["tuning"]["k"] == 10
+    if budget is not None:
+        assert fields["factory_reason"].startswith("auto: ") and "exceed the budget" in fields["factory_reason"]
+    rows = (MetadataRow(id=int(i), path=f"g/{i}.png") for i in ids)
+    write_index_dir(tmp_path / "idx", built.index, rows, Manifest(dim=16, count=400, encoder_id="e", **fields))
+
+    queries = _unit_noise(30, 16, seed=1)
+    with open_index_dir(tmp_path / "idx") as directory:
+        manifest = directory.manifest
+        assert manifest.search_params == {"nprobe": nprobe} and manifest.tuning == fields["tuning"]
+        assert manifest.factory == expected and manifest.factory_reason == fields["factory_reason"]
+        assert directory.index.default_params.nprobe == nprobe
+        default = directory.index.search(queries, 10)
+        explicit = directory.index.search(queries, 10, SearchParams(nprobe=nprobe))
+        single = directory.index.search(queries, 10, SearchParams(nprobe=1))
+    np.testing.assert_array_equal(default[1], explicit[1])
+    assert not np.array_equal(default[1], single[1])  # the stored default really is the tuned value
+
+
+def test_parse_size_reads_units_and_rejects_bad_text():
+    from retrieval.config import ConfigError
+
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 500 * 10**6 and parse_size("1.5g") == 1.5e9
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size("4096") == 4096 and parse_size(" 3 kb ") == 3000
+    for bad in ("lots", "", "2XB", "-1GB", "0MB", "GB"):
+        with pytest.raises(ConfigError, match="invalid size"):
+            parse_size(bad)

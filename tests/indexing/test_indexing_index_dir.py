@@ -122,6 +122,31 @@ def test_dim_mismatch_between_manifest_and_index(tmp_path):
         open_index_dir(tmp_path / "idx")
 
 
+def test_a_flipped_byte_in_the_index_file_is_a_clear_error(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=40)
+    index_file = tmp_path / "idx" / "index.faiss"
+    expected = json.loads((tmp_path / "idx" / "manifest.json").read_text())["index_sha256"]
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the vectors: FAISS itself would read it without complaint
+    index_file.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError, match=r"index\.faiss is corrupt or was modified") as err:
+        open_index_dir(tmp_path / "idx")
+    assert f"expects {expected[:12]}" in str(err.value)
+
+
+def test_a_manifest_without_the_newer_optional_fields_still_loads(tmp_path):
+    vectors = _write(tmp_path / "idx", seed=0, n=10)
+    data = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert data["index_sha256"] and {"factory_reason", "search_params", "tuning", "calibration"} <= set(data)
+    for field in ("index_sha256", "factory_reason", "search_params", "tuning", "calibration"):
+        del data[field]
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(data))
+    with open_index_dir(tmp_path / "idx") as directory:
+        manifest = directory.manifest
+        assert manifest.index_sha256 is None and manifest.factory_reason is None and manifest.search_params is None
+        assert directory.search(vectors[:1], 1)[0][0].id == 0  # unchecked, but fully usable
+
+
 def test_count_mismatch_and_invalid_manifest_field(tmp_path):
     _write(tmp_path / "idx", seed=0, n=5)
     _edit_manifest(tmp_path / "idx", count=6)
