@@ -53,7 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.data.labels import DEFAULT_LEVELS, LabelSchema
+from retrieval.data.labels import LabelSchema
+from retrieval.evaluation.protocols import as_embeddings, as_labels, resolve_schema
 
 __all__ = [
     "DEFAULT_BINS",
@@ -316,8 +317,8 @@ def count_pairs(
     Raises:
         ValueError: mismatched shapes, non-integer labels, non-finite embeddings or bad options.
     """
-    queries = _as_embeddings(query_emb, "query_emb")
-    q_labels = _as_labels(query_labels, "query_labels", len(queries))
+    queries = as_embeddings(query_emb, "query_emb")
+    q_labels = as_labels(query_labels, "query_labels", len(queries))
     if gallery_emb is None:
         if gallery_labels is not None or query_in_gallery is not None:
             raise ValueError(
@@ -329,8 +330,8 @@ def count_pairs(
     else:
         if gallery_labels is None:
             raise ValueError("gallery_emb was given without gallery_labels; pass both or neither")
-        gallery = _as_embeddings(gallery_emb, "gallery_emb")
-        g_labels = _as_labels(gallery_labels, "gallery_labels", len(gallery))
+        gallery = as_embeddings(gallery_emb, "gallery_emb")
+        g_labels = as_labels(gallery_labels, "gallery_labels", len(gallery))
         if gallery.shape[1] != queries.shape[1] or g_labels.shape[1] != q_labels.shape[1]:
             raise ValueError(
                 f"queries {queries.shape}/{q_labels.shape} and gallery {gallery.shape}/{g_labels.shape} "
@@ -339,7 +340,7 @@ def count_pairs(
         self_index = _as_self_index(query_in_gallery, len(queries), len(gallery))
     if len(queries) == 0 or len(gallery) == 0:
         raise ValueError("calibration needs at least one query and one gallery item")
-    names = _resolve_schema(schema, q_labels.shape[1]).levels
+    names = resolve_schema(schema, q_labels.shape[1]).levels
     bins = _check_bins(bins)
     rows = _check_batch_size(batch_size, len(gallery))
     for array, name in ((queries, "query_emb"), (gallery, "gallery_emb")):
@@ -534,40 +535,6 @@ def _as_self_index(value: Any | None, num_queries: int, gallery_size: int) -> np
     if index.size and (index.min() < -1 or index.max() >= gallery_size):
         raise ValueError(f"query_in_gallery must lie in [-1, {gallery_size})")
     return index.astype(np.int64)
-
-
-def _as_embeddings(value: Any, name: str) -> np.ndarray:
-    array = np.asarray(value)
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"{name} must be a real (N, D) array, got shape {array.shape} and dtype {array.dtype}")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or inf values")
-    return array
-
-
-def _as_labels(value: Any, name: str, rows: int) -> np.ndarray:
-    array = np.asarray(value)
-    if array.ndim == 1:
-        array = array[:, None]
-    if array.ndim != 2 or array.shape[1] == 0 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} must be an (N, L) integer array, got shape {array.shape} and dtype {array.dtype}")
-    if array.shape[0] != rows:
-        raise ValueError(f"{name} has {array.shape[0]} rows but there are {rows} embeddings")
-    return array.astype(np.int64, copy=False)
-
-
-def _resolve_schema(schema: LabelSchema | Sequence[str] | None, num_columns: int) -> LabelSchema:
-    if schema is None:
-        if num_columns == len(DEFAULT_LEVELS):
-            return LabelSchema(DEFAULT_LEVELS)
-        return LabelSchema(("fine",) if num_columns == 1 else tuple(f"level{k}" for k in range(num_columns)))
-    if not isinstance(schema, LabelSchema):
-        schema = LabelSchema((schema,) if isinstance(schema, str) else tuple(schema))
-    if schema.num_levels != num_columns:
-        names = ", ".join(schema.levels)
-        raise ValueError(f"schema has {schema.num_levels} levels ({names}) but the labels have {num_columns}")
-    return schema
 
 
 def _warn_if_not_normalised(embeddings: np.ndarray, name: str) -> None:

@@ -26,7 +26,7 @@ from retrieval.evaluation.metrics import (
 )
 from retrieval.evaluation.report import EvaluationReport
 
-__all__ = ["check_report_ks", "evaluate_embeddings"]
+__all__ = ["as_embeddings", "as_labels", "check_report_ks", "evaluate_embeddings", "resolve_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ def evaluate_embeddings(
         ValueError: on mismatched shapes, non-integer labels, non-finite embeddings, bad ``ks`` or
             ``batch_size``, or a leave-one-out set with fewer than two items.
     """
-    queries = _as_embeddings(query_emb, "query_emb")
+    queries = as_embeddings(query_emb, "query_emb")
     if len(queries) == 0:
         raise ValueError("query_emb is empty; there is nothing to evaluate")
-    q_labels = _as_labels(query_labels, "query_labels", len(queries))
+    q_labels = as_labels(query_labels, "query_labels", len(queries))
     leave_one_out = gallery_emb is None
     if leave_one_out:
         if gallery_labels is not None:
@@ -97,8 +97,8 @@ def evaluate_embeddings(
     else:
         if gallery_labels is None:
             raise ValueError("gallery_emb was given without gallery_labels; pass both or neither")
-        gallery = _as_embeddings(gallery_emb, "gallery_emb")
-        g_labels = _as_labels(gallery_labels, "gallery_labels", len(gallery))
+        gallery = as_embeddings(gallery_emb, "gallery_emb")
+        g_labels = as_labels(gallery_labels, "gallery_labels", len(gallery))
         if gallery.shape[1] != queries.shape[1]:
             raise ValueError(
                 f"query_emb has dimension {queries.shape[1]} but gallery_emb has {gallery.shape[1]}; "
@@ -109,7 +109,7 @@ def evaluate_embeddings(
         if len(gallery) == 0:
             raise ValueError("gallery_emb is empty; there is nothing to retrieve")
 
-    schema = _resolve_schema(schema, q_labels.shape[1])
+    schema = resolve_schema(schema, q_labels.shape[1])
     columns = schema.select(levels)
     if not columns:
         raise ValueError("levels is empty; name at least one level to evaluate (or pass None for all)")
@@ -217,7 +217,8 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _as_embeddings(value: Any, name: str) -> np.ndarray:
+def as_embeddings(value: Any, name: str) -> np.ndarray:
+    """A contiguous float32 ``(N, D)`` array from numpy or torch input; ``ValueError`` naming ``name`` otherwise."""
     array = _to_numpy(value)
     if array.ndim != 2:
         raise ValueError(f"{name} must have shape (N, D), got {array.shape}")
@@ -229,7 +230,8 @@ def _as_embeddings(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def _as_labels(value: Any, name: str, expected_rows: int) -> np.ndarray:
+def as_labels(value: Any, name: str, expected_rows: int) -> np.ndarray:
+    """An int64 ``(N, L)`` label array (``(N,)`` becomes one level) with ``expected_rows`` rows."""
     array = _to_numpy(value)
     if array.ndim == 1:
         array = array[:, None]
@@ -242,7 +244,8 @@ def _as_labels(value: Any, name: str, expected_rows: int) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def _resolve_schema(schema: LabelSchema | Sequence[str] | None, num_columns: int) -> LabelSchema:
+def resolve_schema(schema: LabelSchema | Sequence[str] | None, num_columns: int) -> LabelSchema:
+    """The level names of ``num_columns`` label columns: the given schema (checked) or the default naming."""
     if schema is None:
         if num_columns == len(DEFAULT_LEVELS):
             return LabelSchema(DEFAULT_LEVELS)
