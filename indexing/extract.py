@@ -31,7 +31,7 @@ from rich.text import Text
 from torch.utils.data import DataLoader
 
 from models.devices import resolve_device
-from models.encoder import Encoder
+from models.encoder import Encoder, eval_mode
 from retrieval.data.datasets import LabelledImageDataset
 from retrieval.data.images import SkipReport
 from retrieval.data.skipping import SkipCorrupt, collate_skipping, report_skipped
@@ -102,21 +102,16 @@ def extract_embeddings(
     chunks: list[np.ndarray] = []
     kept: list[np.ndarray] = []
     report = SkipReport()
-    was_training = encoder.training
-    encoder.to(device).eval()
     start = time.perf_counter()
-    try:
-        with progress_bar(len(dataset), progress) as advance, torch.inference_mode():
-            for indices, images, skipped in loader:
-                if skipped:
-                    report_skipped(dataset, skipped, report)
-                if images is not None:
-                    embeddings = encoder(images.to(device, non_blocking=True))
-                    chunks.append(embeddings.float().cpu().numpy())
-                    kept.append(indices.numpy().astype(np.int64))
-                advance(len(indices) + len(skipped))
-    finally:
-        encoder.train(was_training)
+    with eval_mode(encoder.to(device)), progress_bar(len(dataset), progress) as advance, torch.inference_mode():
+        for indices, images, skipped in loader:
+            if skipped:
+                report_skipped(dataset, skipped, report)
+            if images is not None:
+                embeddings = encoder(images.to(device, non_blocking=True))
+                chunks.append(embeddings.float().cpu().numpy())
+                kept.append(indices.numpy().astype(np.int64))
+            advance(len(indices) + len(skipped))
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     indices = np.concatenate(kept) if kept else np.zeros((0,), np.int64)
     logger.info(

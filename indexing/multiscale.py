@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from indexing.extract import Extraction, progress_bar
 from models.devices import resolve_device
-from models.encoder import Encoder
+from models.encoder import Encoder, eval_mode
 from retrieval.data.datasets import LabelledImageDataset
 from retrieval.data.images import SkipReport
 from retrieval.data.skipping import SkipCorrupt, SkippingItem, report_skipped
@@ -220,23 +220,18 @@ def extract_multiscale(
     indices: list[int] = []
     chunks: list[np.ndarray] = []
     report = SkipReport()
-    was_training = encoder.training
-    encoder.to(device).eval()
     start = time.perf_counter()
-    try:
-        with progress_bar(len(dataset), progress) as advance, torch.inference_mode():
+    with eval_mode(encoder.to(device)), progress_bar(len(dataset), progress) as advance, torch.inference_mode():
 
-            def skip(index: int, reason: str) -> None:
-                report_skipped(dataset, [(index, reason)], report)
-                advance(1)
+        def skip(index: int, reason: str) -> None:
+            report_skipped(dataset, [(index, reason)], report)
+            advance(1)
 
-            for buffer in _readable_windows(loader, window, skip):
-                for batch_indices, descriptors in _embed_window(encoder, buffer, batch_size, scales, min_side, device):
-                    indices.extend(batch_indices)
-                    chunks.append(descriptors)
-                    advance(len(batch_indices))
-    finally:
-        encoder.train(was_training)
+        for buffer in _readable_windows(loader, window, skip):
+            for batch_indices, descriptors in _embed_window(encoder, buffer, batch_size, scales, min_side, device):
+                indices.extend(batch_indices)
+                chunks.append(descriptors)
+                advance(len(batch_indices))
     order = np.argsort(np.asarray(indices, dtype=np.int64), kind="stable")
     embeddings = np.concatenate(chunks)[order] if chunks else np.zeros((0, encoder.embedding_dim), np.float32)
     kept = np.asarray(indices, dtype=np.int64)[order]

@@ -7,6 +7,8 @@ need a second copy of the input size or normalisation.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from retrieval.config import StrictModel
 from retrieval.data.labels import DEFAULT_LEVELS
 from retrieval.data.transforms import PreprocessConfig
 
-__all__ = ["Encoder", "EncoderConfig"]
+__all__ = ["Encoder", "EncoderConfig", "eval_mode"]
 
 
 class EncoderConfig(StrictModel):
@@ -78,3 +80,18 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.pooling(self.feature_map(images))
         return self.head(pooled.float())
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``module`` in eval mode, then give it back its previous train/eval mode.
+
+    Embedding for evaluation, indexing or export happens in the middle of training too; the caller's mode
+    (and so BatchNorm's running statistics) must survive it, exceptions included.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

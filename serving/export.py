@@ -157,14 +157,11 @@ def check_onnx_parity(encoder: torch.nn.Module, onnx_path: str | Path, images: t
     import onnxruntime as ort
     import torch
 
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    from models.encoder import eval_mode
+
+    with eval_mode(encoder), torch.no_grad():
         device = next(encoder.parameters()).device
-        with torch.no_grad():
-            reference = encoder(images.to(device)).float().cpu().numpy()
-    finally:
-        encoder.train(was_training)
+        reference = encoder(images.to(device)).float().cpu().numpy()
     batch = images.detach().cpu().float().numpy()
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.checkpoint import save_encoder
 from models.devices import resolve_device
-from models.encoder import Encoder
+from models.encoder import Encoder, eval_mode
 from retrieval.config import ConfigError, save_config
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.labels import class_parents
@@ -254,16 +254,12 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # never draw from the global RNG (it belongs to training)
         )
-        was_training = self.encoder.training
-        self.encoder.eval()
         chunks = []
-        try:
+        with eval_mode(self.encoder):
             for images, _labels in loader:
                 with self._autocast():
                     out = self.encoder(images.to(self.device, non_blocking=True))
                 chunks.append(F.normalize(out.float(), dim=-1).cpu())
-        finally:
-            self.encoder.train(was_training)
         return torch.cat(chunks).numpy()
 
     def evaluate(self) -> EvaluationReport | None:

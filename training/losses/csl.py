@@ -128,7 +128,7 @@ class CrossScaleClassificationLoss(nn.Module):
             )
         for k, count in enumerate(self.num_classes):
             check_label_range(table[:, k], k, count)
-        # A buffer (not a parameter): it moves with .to(device) and is saved with the loss's state.
+        # A buffer (not a parameter) that moves with .to(device); not saved, as it is rebuilt from the labels.
         self.register_buffer("hierarchy", table, persistent=False)
         self.proxies = init_proxies(self.num_classes[0], embedding_dim)
 
@@ -144,8 +144,9 @@ class CrossScaleClassificationLoss(nn.Module):
         fine = labels[:, 0]
         check_label_range(fine, 0, self.num_classes[0])
         parents = self.hierarchy[fine]
-        columns = labels_for_levels(labels, embeddings, self.levels).shape[1] if labels.shape[1] > 1 else 1
-        if not torch.equal(parents[:, :columns], labels[:, :columns]):
+        if labels.shape[1] > 1:  # given coarser ids: the selected levels must be there and agree with the tree
+            labels_for_levels(labels, embeddings, self.levels)
+        if not torch.equal(parents[:, : labels.shape[1]], labels):
             raise ValueError("labels do not match the class hierarchy this loss was built with (fine -> coarser ids)")
         unit = F.normalize(full_precision(embeddings), dim=-1)
         cosine = unit @ F.normalize(full_precision(self.proxies), dim=-1).T  # (N, C_fine)
