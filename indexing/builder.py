@@ -1,8 +1,10 @@
-"""Build an index directory from an encoder checkpoint and a labelled gallery, in one call.
+"""Build an index directory from an encoder checkpoint and a gallery, in one call or from shards.
 
-This is the whole offline half of the engine: embed the gallery (skipping unreadable files),
-put the vectors in a FAISS index under the gallery positions as ids, store each item's path
-and labels, and write it all atomically with a manifest naming the encoder that built it.
+This is the whole offline half of the engine: embed the gallery (skipping unreadable files) into
+resumable chunk files (``indexing.embedding_store``), put the vectors in a FAISS index under the
+gallery positions as ids, store each item's path, labels and metadata, and write it all atomically
+with a manifest naming the encoder that built it. ``merge_shards`` does the second half for the
+chunk directories of several ``--shard I/N`` runs.
 
 The index type is given or chosen (``factory="auto"``: ``choose_factory`` from the vector count
 and an optional memory budget, Flat below 50k vectors); an approximate index then has its
@@ -14,8 +16,8 @@ the manifest.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,18 +25,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexing.extract import extract_embeddings
+from indexing.embedding_store import (
+    DEFAULT_CHUNK_SIZE,
+    EmbeddingStore,
+    ExtractionSpec,
+    StoredEmbeddings,
+    combine_stores,
+)
+from indexing.extract import StoreRun, extract_to_store
 from indexing.faiss_index import FaissIndex, TuneResult
 from indexing.index_dir import check_replaceable, write_index_dir
 from indexing.index_factory import choose_factory, parse_size
-from indexing.manifest import Manifest
-from indexing.metadata import MetadataRow
+from indexing.manifest import HistoryEntry, Manifest
 from models.checkpoint import load_encoder
+from models.encoder import Encoder
 from retrieval.config import ConfigError
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
+from retrieval.data.gallery import Gallery, as_gallery
 from retrieval.data.images import SkipReport
 
-__all__ = ["AUTO_FACTORY", "BuildSummary", "BuiltIndex", "build_index", "make_index"]
+__all__ = [
+    "AUTO_FACTORY",
+    "BuildSummary",
+    "BuiltIndex",
+    "ExtractOptions",
+    "build_index",
+    "check_index_options",
+    "default_work_dir",
+    "extract_gallery",
+    "extract_shard",
+    "index_embeddings",
+    "make_index",
+    "merge_shards",
+]
 
 #: ``factory`` value that lets ``choose_factory`` pick the index type from the gallery size and memory budget.
 AUTO_FACTORY = "auto"
@@ -58,6 +81,8 @@ class BuildSummary:
         factory_reason: why that factory (as recorded in the manifest).
         search_params: tuned search parameters stored as the index's defaults (FAISS names), or None.
         tuning: the tuning outcome (target and measured recall, k, queries), or None for exact search.
+        images: items in the gallery (indexed + skipped).
+        extraction: what this run's extraction did (chunks resumed, images/s), or None for a merge.
     """
 
     count: int
@@ -69,6 +94,8 @@ class BuildSummary:
     factory_reason: str | None = None
     search_params: dict[str, int] | None = None
     tuning: dict[str, Any] | None = None
+    images: int = 0
+    extraction: StoreRun | None = None
 
 
 @dataclass(frozen=True)
@@ -170,9 +197,100 @@ def _check_target(target_recall: float) -> None:
         raise ConfigError(f"target recall must be in (0, 1], got {target_recall}")
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How a gallery is embedded: batching, chunking into resumable files, device and workers.
+
+    Attributes:
+        batch_size: images per forward pass.
+        chunk_size: gallery positions per chunk file (the unit of resuming and of sharding).
+        device: where the encoder runs.
+        num_workers: DataLoader worker processes decoding images.
+        amp: float16 autocast on CUDA.
+        progress: progress bar with images/s and ETA.
+        restart: discard an extraction directory left by a different job instead of refusing.
+    """
+
+    batch_size: int = 64
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    device: str | torch.device = "cpu"
+    num_workers: int = 0
+    amp: bool = True
+    progress: bool = True
+    restart: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ConfigError(f"batch size and chunk size must be positive, got {self.batch_size}, {self.chunk_size}")
+
+
+def default_work_dir(out_path: str | Path, suffix: str = "extract") -> Path:
+    """Where ``build_index`` keeps its chunk files: ``OUT.extract`` beside the index (removed after success)."""
+    out_path = Path(out_path)
+    return out_path.parent / f"{out_path.name}.{suffix}"
+
+
+def extract_gallery(
+    encoder: Encoder,
+    encoder_path: str | Path,
+    gallery: Gallery,
+    work_dir: str | Path,
+    options: ExtractOptions,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[EmbeddingStore, StoreRun]:
+    """Embed (the ``shard`` slice of) ``gallery`` into the extraction directory ``work_dir``, resuming it if present.
+
+    Raises:
+        ExtractionMismatchError: ``work_dir`` holds another job's chunks and ``options.restart`` is off.
+    """
+    if len(gallery) == 0:
+        raise DatasetError("cannot index an empty gallery")
+    spec = ExtractionSpec(
+        encoder_id=str(encoder.encoder_id),
+        encoder_path=str(Path(encoder_path).resolve()),
+        dim=encoder.embedding_dim,
+        gallery_source=gallery.source,
+        gallery_count=len(gallery),
+        gallery_fingerprint=gallery.fingerprint(),
+        levels=list(gallery.levels),
+        chunk_size=options.chunk_size,
+        batch_size=options.batch_size,
+        shard_index=shard[0],
+        num_shards=shard[1],
+    )
+    store = EmbeddingStore.open_for(work_dir, spec, restart=options.restart)
+    run = extract_to_store(
+        encoder,
+        gallery,
+        store,
+        device=options.device,
+        num_workers=options.num_workers,
+        progress=options.progress,
+        amp=options.amp,
+    )
+    if run.chunks_before:
+        logger.info("resumed %s: %d chunks were already embedded", work_dir, run.chunks_before)
+    return store, run
+
+
+def extract_shard(
+    encoder_path: str | Path,
+    dataset: LabelledImageDataset | Gallery,
+    out_dir: str | Path,
+    shard: tuple[int, int],
+    options: ExtractOptions,
+) -> StoreRun:
+    """Embed slice ``shard = (I, N)`` of the gallery into the extraction directory ``out_dir`` (resumable).
+
+    ``merge_shards`` later builds the index from all N directories.
+    """
+    encoder = load_encoder(encoder_path, device=options.device)
+    return extract_gallery(encoder, encoder_path, as_gallery(dataset), out_dir, options, shard)[1]
+
+
 def build_index(
     encoder_path: str | Path,
-    dataset: LabelledImageDataset,
+    dataset: LabelledImageDataset | Gallery,
     out_path: str | Path,
     factory: str = AUTO_FACTORY,
     batch_size: int = 64,
@@ -181,16 +299,24 @@ def build_index(
     progress: bool = True,
     memory_budget: int | str | None = None,
     target_recall: float = 0.95,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    work_dir: str | Path | None = None,
+    restart: bool = False,
+    keep_embeddings: bool = False,
+    amp: bool = True,
 ) -> BuildSummary:
     """Embed ``dataset`` with the encoder checkpoint and write an index directory at ``out_path``.
 
-    Item ids are the dataset positions, so ``dataset.names[id]`` is the image of a hit. The
+    Embeddings go to chunk files in ``work_dir`` as they are produced, so an interrupted build
+    continues where it stopped when run again with the same arguments, and yields the same index.
+    Item ids are the gallery positions, so ``dataset.names[id]`` is the image of a hit. The
     checkpoint's absolute path is recorded in the manifest as the default query encoder. A
     previous index at ``out_path`` is replaced only once the new one is complete.
 
     Args:
         encoder_path: an encoder checkpoint directory (``models.save_encoder``).
-        dataset: the gallery; its labels are stored as metadata.
+        dataset: the gallery (a ``Gallery`` or a labelled dataset); labels and metadata are stored per item.
         out_path: the index directory to create or replace.
         factory: ``faiss.index_factory`` string ("Flat" is exact search), or "auto" (the default):
             ``choose_factory`` picks from the gallery size and ``memory_budget``; Flat below 50k images.
@@ -200,56 +326,140 @@ def build_index(
         progress: show a progress bar.
         memory_budget: bytes, or text like "2GB", the index may take; only with ``factory="auto"``.
         target_recall: recall@10 an approximate index's search parameters are tuned to.
+        chunk_size: gallery positions per chunk file.
+        work_dir: the extraction directory; default ``OUT.extract`` beside the index.
+        restart: discard a ``work_dir`` left by a different job (other encoder, gallery or batch size).
+        keep_embeddings: keep ``work_dir`` after success (otherwise it is removed).
+        amp: float16 autocast when extracting on CUDA.
 
     Raises:
         ConfigError: a bad factory string, memory budget or target recall.
         models.CheckpointError: ``encoder_path`` is not a valid checkpoint.
-        ValueError: the dataset is empty or none of its images could be read.
+        DatasetError: the gallery is empty or none of its images could be read.
         IndexFormatError: ``out_path`` exists and is not an index directory.
+        ExtractionMismatchError: ``work_dir`` holds another job's chunks (without ``restart``).
     """
     start = time.perf_counter()
-    if len(dataset) == 0:
-        raise DatasetError("cannot build an index from an empty dataset")
+    gallery = as_gallery(dataset)
+    options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart)
     check_replaceable(Path(out_path))  # fail before the expensive extraction, not after it
+    check_index_options(factory, memory_budget, target_recall)
     encoder = load_encoder(encoder_path, device=device)
-    encoder_id = str(encoder.encoder_id)
-    _budget(memory_budget, factory)  # bad options fail before the extraction, not after it
-    _check_target(target_recall)
     if factory != AUTO_FACTORY:
         FaissIndex(encoder.embedding_dim, factory, device="cpu")  # a bad factory string fails here too
-    extraction = extract_embeddings(
-        encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out_path)
+    store, run = extract_gallery(encoder, encoder_path, gallery, work_dir, options)
+    summary = index_embeddings(
+        combine_stores([store]),
+        out_path,
+        factory,
+        memory_budget,
+        target_recall,
+        encoder_path=encoder_path,
+        action="build",
+        start=start,
+        run=run,
     )
-    if len(extraction) == 0:
-        examples = "; ".join(f"{path}: {reason}" for path, reason in extraction.skipped.skipped[:3])
-        raise DatasetError(f"none of the {len(dataset)} images could be read (e.g. {examples})")
+    if not keep_embeddings:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return summary
 
-    built = make_index(extraction.embeddings, extraction.indices, factory, memory_budget, target_recall)
+
+def merge_shards(
+    shard_dirs: list[str | Path],
+    out_path: str | Path,
+    factory: str = AUTO_FACTORY,
+    memory_budget: int | str | None = None,
+    target_recall: float = 0.95,
+    *,
+    encoder_path: str | Path | None = None,
+) -> BuildSummary:
+    """Build one index from the extraction directories of ``index build --shard I/N`` runs.
+
+    The shards must come from the same encoder, gallery and chunk size and cover every chunk once;
+    the index is then the one a single run would build.
+
+    Args:
+        shard_dirs: the shard directories, in any order.
+        out_path: the index directory to create or replace.
+        factory, memory_budget, target_recall: as for :func:`build_index`.
+        encoder_path: recorded as the default query encoder; default: the path the shards were embedded with.
+
+    Raises:
+        ExtractionMismatchError: shards of different jobs, overlapping, missing or unfinished.
+    """
+    start = time.perf_counter()
+    check_replaceable(Path(out_path))
+    check_index_options(factory, memory_budget, target_recall)
+    stores = [EmbeddingStore.open(path) for path in shard_dirs]
+    stored = combine_stores(stores)
+    return index_embeddings(
+        stored,
+        out_path,
+        factory,
+        memory_budget,
+        target_recall,
+        encoder_path=encoder_path or stored.spec.encoder_path,
+        action="merge",
+        start=start,
+        shards=len(stores),
+    )
+
+
+def index_embeddings(
+    stored: StoredEmbeddings,
+    out_path: str | Path,
+    factory: str,
+    memory_budget: int | str | None,
+    target_recall: float,
+    *,
+    encoder_path: str | Path | None,
+    action: str,
+    start: float,
+    run: StoreRun | None = None,
+    shards: int = 1,
+) -> BuildSummary:
+    """Choose, train, fill and tune the index over stored embeddings and write the index directory."""
+    spec = stored.spec
+    if len(stored) == 0:
+        examples = "; ".join(f"{path}: {reason}" for path, reason in stored.skipped.skipped[:3])
+        raise DatasetError(f"none of the {spec.gallery_count} images could be read (e.g. {examples})")
+    built = make_index(stored.embeddings, stored.positions, factory, memory_budget, target_recall)
     index, fields = built.index, built.manifest_fields()
+    history = HistoryEntry(
+        action=action,
+        source=spec.gallery_source,
+        images=spec.gallery_count,
+        added=index.ntotal,
+        skipped=len(stored.skipped),
+        shards=shards,
+    )
     manifest = Manifest(
         dim=index.dim,
         count=index.ntotal,
-        encoder_id=encoder_id,
-        encoder_path=str(Path(encoder_path).resolve()),
-        levels=list(dataset.schema.levels),
-        skipped=len(extraction.skipped),
+        encoder_id=spec.encoder_id,
+        encoder_path=str(Path(encoder_path).resolve()) if encoder_path is not None else None,
+        levels=list(spec.levels),
+        skipped=len(stored.skipped),
+        history=[history.to_dict()],
         **fields,
     )
-    write_index_dir(out_path, index, _rows(dataset, extraction.indices), manifest, skipped=extraction.skipped)
+    write_index_dir(out_path, index, stored.metadata_rows(), manifest, skipped=stored.skipped)
     seconds = time.perf_counter() - start
-    logger.info(
-        "indexed %d images (%d skipped) into %s in %.1fs", index.ntotal, len(extraction.skipped), out_path, seconds
-    )
+    logger.info("indexed %d images (%d skipped) into %s in %.1fs", index.ntotal, len(stored.skipped), out_path, seconds)
     return BuildSummary(
         count=index.ntotal,
-        skipped=extraction.skipped,
+        skipped=stored.skipped,
         seconds=seconds,
         out_path=Path(out_path),
-        encoder_id=encoder_id,
+        encoder_id=spec.encoder_id,
+        images=spec.gallery_count,
+        extraction=run,
         **fields,
     )
 
 
-def _rows(dataset: LabelledImageDataset, indices: np.ndarray) -> Iterator[MetadataRow]:
-    for i in indices.tolist():
-        yield MetadataRow(id=i, path=dataset.names[i], labels=dataset.label_names(i))
+def check_index_options(factory: str, memory_budget: int | str | None, target_recall: float) -> None:
+    """Bad index options fail before the extraction, not after it."""
+    _budget(memory_budget, factory)
+    _check_target(target_recall)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "SKIPPED_FILE",
     "IndexDirectory",
     "IndexFormatError",
+    "append_to_index_dir",
     "check_replaceable",
     "file_sha256",
     "open_index_dir",
@@ -93,20 +96,85 @@ def write_index_dir(
                 f"manifest search_params {manifest.search_params} do not fit the {index.factory!r} index: {exc}"
             ) from None
     with atomic_directory(path) as tmp:
-        index.save(tmp / INDEX_FILE)
-        manifest = manifest.model_copy(update={"index_sha256": file_sha256(tmp / INDEX_FILE)})
-        with MetadataStore(tmp / METADATA_FILE) as store:
-            store.add_many(rows)
-            stored = store.ids()
-        if not np.array_equal(stored, np.sort(index.ids())):
-            raise IndexFormatError(
-                f"metadata rows ({stored.size}) do not cover exactly the {index.ntotal} ids in the index"
-            )
-        if skipped is not None and len(skipped):
-            skipped.write(tmp / SKIPPED_FILE)
-        manifest.write(tmp / MANIFEST_FILE)  # last: a directory with a manifest is a complete one
+        manifest = _fill_directory(tmp, index, rows, manifest, skipped)
     logger.info("wrote index directory %s (%d items, dim %d)", path, manifest.count, manifest.dim)
     return path
+
+
+def append_to_index_dir(
+    path: str | Path,
+    vectors: np.ndarray,
+    rows: list[MetadataRow],
+    skipped: SkipReport,
+    history: Mapping[str, Any],
+) -> tuple[int, int]:
+    """Add vectors and their metadata to an existing index directory, atomically.
+
+    Ids continue after the largest id in the index: ``rows[j].id`` (counted from 0 for this batch, gaps
+    allowed) becomes ``first_id + rows[j].id``. The FAISS index is extended in place (an IVF index keeps
+    its trained centroids), the metadata, skipped list, count, checksum and history are updated, and the
+    new directory replaces the old one only when complete: a crash leaves the previous index as it was.
+
+    Args:
+        path: the index directory.
+        vectors: ``(M, dim)`` L2-normalised float32, row ``j`` for ``rows[j]``.
+        rows: metadata with batch-relative ids.
+        skipped: files of this batch left out as unreadable (appended to ``skipped.tsv``).
+        history: the ``HistoryEntry`` dict recorded in the manifest.
+
+    Returns:
+        ``(first_id, count)``: the id offset used and the index size afterwards.
+
+    Raises:
+        IndexFormatError: ``path`` is not a valid index directory, or the vectors do not fit it.
+    """
+    path = Path(path)
+    with open_index_dir(path) as current:
+        max_id = current.metadata.max_id()
+        first_id = 0 if max_id is None else max_id + 1
+        index = current.index
+        if vectors.ndim != 2 or vectors.shape[1] != index.dim:
+            raise IndexFormatError(f"vectors of shape {vectors.shape} do not fit the {index.dim}-d index at {path}")
+        ids = np.fromiter((first_id + row.id for row in rows), dtype=np.int64, count=len(rows))
+        index.add(vectors, ids)
+        report = SkipReport.read(path / SKIPPED_FILE) if (path / SKIPPED_FILE).is_file() else SkipReport()
+        report.skipped.extend(skipped.skipped)
+        manifest = current.manifest.model_copy(
+            update={
+                "count": index.ntotal,
+                "skipped": current.manifest.skipped + len(skipped),
+                "history": [*current.manifest.history, dict(history)],
+            }
+        )
+        shifted = (replace(row, id=first_id + row.id) for row in rows)
+        with atomic_directory(path) as tmp:
+            shutil.copyfile(path / METADATA_FILE, tmp / METADATA_FILE)
+            _fill_directory(tmp, index, shifted, manifest, report)
+    logger.info("added %d items to %s (now %d)", len(rows), path, manifest.count)
+    return first_id, manifest.count
+
+
+def _fill_directory(
+    tmp: Path,
+    index: FaissIndex,
+    rows: Iterable[MetadataRow | Mapping[str, Any]],
+    manifest: Manifest,
+    skipped: SkipReport | None,
+) -> Manifest:
+    """Write index, metadata (added to any ``tmp`` already holds), skipped list and manifest into ``tmp``."""
+    index.save(tmp / INDEX_FILE)
+    manifest = manifest.model_copy(update={"index_sha256": file_sha256(tmp / INDEX_FILE)})
+    with MetadataStore(tmp / METADATA_FILE) as store:
+        store.add_many(rows)
+        stored = store.ids()
+    if not np.array_equal(stored, np.sort(index.ids())):
+        raise IndexFormatError(
+            f"metadata rows ({stored.size}) do not cover exactly the {index.ntotal} ids in the index"
+        )
+    if skipped is not None and len(skipped):
+        skipped.write(tmp / SKIPPED_FILE)
+    manifest.write(tmp / MANIFEST_FILE)  # last: a directory with a manifest is a complete one
+    return manifest
 
 
 def check_replaceable(path: Path) -> None:
@@ -297,7 +365,7 @@ class IndexDirectory(Closeable):
         return results
 
     def info(self) -> dict[str, Any]:
-        """A JSON-serialisable summary (manifest fields, file sizes) for ``retrieval index info``."""
+        """A JSON-serialisable description for ``retrieval index info``: manifest fields, FAISS state, ids, files."""
         files = {
             name: (self.path / name).stat().st_size
             for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE, SKIPPED_FILE)
@@ -307,6 +375,13 @@ class IndexDirectory(Closeable):
             "path": str(self.path),
             **self.manifest.model_dump(),
             "ntotal": self.index.ntotal,
+            "faiss": {
+                "is_trained": self.index.is_trained,
+                "nlist": self.index.nlist,
+                "native_ids": self.index.native_ids,
+                "default_params": self.index.default_params.to_dict(),
+            },
+            "id_range": [int(v) for v in self.metadata.id_range()] if len(self) else None,
             "files": files,
             "size_bytes": sum(files.values()),
         }

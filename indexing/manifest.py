@@ -9,8 +9,7 @@ with a clear message instead of returning meaningless neighbours.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -19,9 +18,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from indexing.calibration import Calibration
 from indexing.errors import IndexFormatError
+from retrieval.atomic import write_file_atomically
 from retrieval.config import StrictModel
 
-__all__ = ["INDEX_FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "Manifest"]
+__all__ = ["INDEX_FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "HistoryEntry", "Manifest"]
 
 #: Version written by this code. Bump it when the directory layout or a file's meaning changes.
 INDEX_FORMAT_VERSION = 1
@@ -29,14 +29,34 @@ INDEX_FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS: frozenset[int] = frozenset({1})
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One write that changed an index's content: a build, a merge of shards, or an ``index add``.
+
+    Attributes:
+        action: "build", "merge" or "add".
+        source: the gallery it read (folder, CSV or path list).
+        images: items in that gallery.
+        added: vectors it added.
+        skipped: unreadable items it left out.
+        shards: extraction shards combined (1 unless merged).
+        at: ISO-8601 UTC time.
+    """
+
+    action: str
+    source: str
+    images: int
+    added: int
+    skipped: int
+    shards: int = 1
+    at: str = field(default_factory=_now_iso)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Manifest(StrictModel):
@@ -68,7 +88,10 @@ class Manifest(StrictModel):
         index_sha256: SHA-256 of ``index.faiss``, checked on open so a corrupt or modified file is an
             error rather than wrong hits; ``None`` in manifests written before checksums (not checked).
 
-    The last four fields are optional, so older manifests still load with the same format version.
+        history: the writes that made the index (``HistoryEntry.to_dict()``: build, merge, add), oldest
+            first; empty in manifests written before it was recorded.
+
+    The last five fields are optional, so older manifests still load with the same format version.
     """
 
     format_version: int = INDEX_FORMAT_VERSION
@@ -87,6 +110,7 @@ class Manifest(StrictModel):
     search_params: dict[str, int] | None = None
     tuning: dict[str, Any] | None = None
     index_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    history: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -118,23 +142,7 @@ class Manifest(StrictModel):
         A reader (or a crash) therefore sees either the previous manifest or the new one, never a torn file;
         this is what lets ``retrieval index calibrate`` update a live index directory in place.
         """
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.model_dump_json(indent=2) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; keep the permissions of a plain write
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_file_atomically(path, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def read(cls, path: str | Path) -> Manifest:

@@ -119,6 +119,16 @@ class MetadataStore(Closeable):
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
+    def max_id(self) -> int | None:
+        """The largest stored id (where ``index add`` continues), or ``None`` for an empty store."""
+        return self.id_range()[1]
+
+    def id_range(self) -> tuple[int | None, int | None]:
+        """Smallest and largest stored id, ``(None, None)`` for an empty store."""
+        with self._lock:
+            low, high = self._conn.execute("SELECT MIN(id), MAX(id) FROM items").fetchone()
+        return (None if low is None else int(low)), (None if high is None else int(high))
+
     def ids(self) -> np.ndarray:
         """All stored ids, sorted, as int64 (for checking the store against the FAISS index)."""
         with self._lock:

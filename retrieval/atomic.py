@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "fsync_tree"]
+__all__ = ["atomic_directory", "fsync_directory", "fsync_tree", "write_file_atomically"]
 
 
 def fsync_tree(path: Path) -> None:
@@ -23,10 +23,11 @@ def fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
+        fsync_directory(Path(root))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file in it) to stable storage."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,6 +39,27 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_file_atomically(path: str | Path, data: str | bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary sibling, fsync, ``os.replace``, fsync of the folder.
+
+    A reader (or a crash) sees the previous file or the new one, never a torn one. The file gets the
+    permissions of a plain ``open(path, "w")`` (``mkstemp`` alone would make it 0600).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
 @contextlib.contextmanager
@@ -65,7 +87,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

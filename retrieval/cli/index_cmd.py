@@ -1,63 +1,257 @@
-"""``retrieval index build|info|calibrate``: embed a gallery into an index directory, describe and calibrate one."""
+"""``retrieval index build|merge|add``: embed a gallery into an index directory, combine shards, grow an index.
+
+Extraction is chunked and resumable: embeddings go to an extraction directory (``OUT.extract`` for a
+build) one chunk file at a time, so rerunning an interrupted command continues where it stopped.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from retrieval.cli.common import console, print_json, user_errors
+from retrieval.cli.common import console, fail, print_json, user_errors
+
+GALLERY_HELP = (
+    "Gallery: an image folder (class = first sub-folder), a CSV ('path' column, optional fine/middle/coarse "
+    "label columns, any other columns kept as metadata), or a text file of paths (one per line)."
+)
+FACTORY_HELP = (
+    "FAISS index factory string (Flat = exact search; HNSW32; IVF1024,Flat; IVF4096,PQ64; OPQ64,IVF4096,PQ64 ...) "
+    "or 'auto': chosen from the gallery size and --memory-budget (exact Flat below 50k images)."
+)
+
+
+def _factory_option() -> Any:
+    return typer.Option("auto", help=FACTORY_HELP)
+
+
+def _budget_option() -> Any:
+    return typer.Option(
+        None, "--memory-budget", help="Memory the index may take with --factory auto, e.g. 2GB, 500MB, 512MiB."
+    )
+
+
+def _recall_option() -> Any:
+    return typer.Option(
+        0.95, "--target-recall", help="Recall@10 that an approximate index's nprobe/efSearch are tuned to reach."
+    )
 
 
 def build(
     encoder: Path = typer.Option(..., "--encoder", help="Encoder checkpoint directory that embeds the gallery."),
-    images: Path = typer.Option(..., "--images", help="Gallery: a CSV (path + label columns) or an image folder."),
-    out: Path = typer.Option(..., "--out", help="Index directory to write (replaced atomically if it exists)."),
-    factory: str = typer.Option(
-        "auto",
-        help="FAISS index factory string (Flat = exact search; HNSW32; IVF1024,Flat; IVF4096,PQ64 ...) or 'auto': "
-        "chosen from the gallery size and --memory-budget (exact Flat below 50k images).",
+    images: Path = typer.Option(..., "--images", help=GALLERY_HELP),
+    out: Path = typer.Option(
+        ..., "--out", help="Index directory to write (replaced atomically), or with --shard the shard's directory."
     ),
-    memory_budget: str | None = typer.Option(
-        None, "--memory-budget", help="Memory the index may take with --factory auto, e.g. 2GB, 500MB, 512MiB."
+    factory: str = _factory_option(),
+    memory_budget: str | None = _budget_option(),
+    target_recall: float = _recall_option(),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="Embed only slice I of N (I counts from 0, e.g. 0/4 .. 3/4) into --out; "
+        "combine the N directories with `retrieval index merge`.",
     ),
-    target_recall: float = typer.Option(
-        0.95, "--target-recall", help="Recall@10 that an approximate index's nprobe/efSearch are tuned to reach."
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass (resume with the same value)."),
+    chunk_size: int = typer.Option(
+        2048, min=1, help="Images per chunk file: the unit of resuming and of sharding (every shard: the same value)."
     ),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
+    work_dir: Path | None = typer.Option(
+        None, "--work-dir", help="Where the chunk files go while building (default: OUT.extract beside the index)."
+    ),
+    restart: bool = typer.Option(
+        False, "--restart", help="Discard chunk files left by a different job instead of refusing to continue."
+    ),
+    keep_embeddings: bool = typer.Option(
+        False, "--keep-embeddings", help="Keep the chunk files after a successful build (default: removed)."
+    ),
     device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
-    workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
-    as_json: bool = typer.Option(False, "--json", help="Print the build summary as JSON."),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images while the model runs."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 autocast when extracting on CUDA."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every gallery image and write an index directory (manifest, FAISS index, SQLite metadata).
 
-    Corrupt or unreadable images are skipped and listed in OUT/skipped.tsv; the build
-    goes on and the summary counts them. The index type and why it was chosen are printed and
-    recorded in the manifest; an approximate index has its search parameter (nprobe, efSearch)
-    tuned to --target-recall on a sample of the gallery, stored as its default.
+    Embeddings are written in chunk files as they are produced: if the run is interrupted (Ctrl-C, kill,
+    crash), run the same command again and it continues where it stopped, giving the same index.
+    Corrupt or unreadable images are skipped and listed in OUT/skipped.tsv; the build goes on and
+    the summary counts them. The index type and why it was chosen are printed and recorded in the
+    manifest; an approximate index has its search parameter (nprobe, efSearch) tuned to
+    --target-recall on a sample of the gallery, stored as its default.
     """
     with user_errors():
-        from indexing.builder import build_index
-        from retrieval.data.datasets import open_dataset
+        from indexing.builder import ExtractOptions, build_index, default_work_dir, extract_shard
+        from indexing.embedding_store import parse_shard
+        from retrieval.data.gallery import open_gallery
 
-        dataset = open_dataset(images)
-        summary = build_index(
-            encoder,
-            dataset,
-            out,
-            factory=factory,
-            batch_size=batch_size,
-            device=device,
-            num_workers=workers,
-            progress=not as_json,
-            memory_budget=memory_budget,
-            target_recall=target_recall,
-        )
+        gallery = open_gallery(images)
+        if shard is not None:
+            try:
+                slice_ = parse_shard(shard)
+            except ValueError as exc:
+                raise fail(str(exc)) from None
+            options = ExtractOptions(batch_size, chunk_size, device, workers, amp, not as_json, restart)
+            with _resume_hint(out):
+                run = extract_shard(encoder, gallery, out, slice_, options)
+            _print_shard(out, slice_, run, as_json)
+            return
+        with _resume_hint(work_dir or default_work_dir(out)):
+            summary = build_index(
+                encoder,
+                gallery,
+                out,
+                factory=factory,
+                batch_size=batch_size,
+                device=device,
+                num_workers=workers,
+                progress=not as_json,
+                memory_budget=memory_budget,
+                target_recall=target_recall,
+                chunk_size=chunk_size,
+                work_dir=work_dir,
+                restart=restart,
+                keep_embeddings=keep_embeddings,
+                amp=amp,
+            )
+    _print_build(summary, out, as_json)
+
+
+def merge(
+    shards: list[Path] = typer.Argument(..., help="The directories written by `index build --shard I/N`, all N."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write (replaced atomically if it exists)."),
+    factory: str = _factory_option(),
+    memory_budget: str | None = _budget_option(),
+    target_recall: float = _recall_option(),
+    encoder: Path | None = typer.Option(
+        None, "--encoder", help="Default query encoder to record (default: the checkpoint that embedded the shards)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Combine the shard directories of `index build --shard I/N` runs into one index.
+
+    The shards must come from the same encoder, gallery and --chunk-size and cover every slice once;
+    the index is then the one a single `index build` would write.
+    """
+    with user_errors():
+        from indexing.builder import merge_shards
+
+        summary = merge_shards(list(shards), out, factory, memory_budget, target_recall, encoder_path=encoder)
+    _print_build(summary, out, as_json)
+
+
+def add(
+    index: Path = typer.Argument(..., help="Index directory to extend (replaced atomically when done)."),
+    images: Path = typer.Option(..., "--images", help=GALLERY_HELP),
+    encoder: Path | None = typer.Option(
+        None, "--encoder", help="Encoder checkpoint; default: the one that built the index (ids must match)."
+    ),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass (resume with the same value)."),
+    chunk_size: int = typer.Option(2048, min=1, help="Images per chunk file (the unit of resuming)."),
+    work_dir: Path | None = typer.Option(
+        None, "--work-dir", help="Where the chunk files go (default: INDEX.add-extract beside the index)."
+    ),
+    restart: bool = typer.Option(False, "--restart", help="Discard chunk files left by a different job."),
+    keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Keep the chunk files afterwards."),
+    device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 autocast when extracting on CUDA."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Embed more images and append them to an index: ids continue after the largest one.
+
+    The index's encoder embeds them (another encoder is refused), an IVF index keeps its trained
+    centroids, and manifest, metadata and skipped.tsv are updated together in one atomic replace.
+    Interrupted, it continues from its chunk files when run again.
+    """
+    with user_errors():
+        from indexing.append import add_to_index
+        from indexing.builder import default_work_dir
+        from retrieval.data.gallery import open_gallery
+
+        gallery = open_gallery(images)
+        with _resume_hint(work_dir or default_work_dir(index, "add-extract")):
+            summary = add_to_index(
+                index,
+                gallery,
+                encoder,
+                batch_size=batch_size,
+                device=device,
+                num_workers=workers,
+                progress=not as_json,
+                chunk_size=chunk_size,
+                work_dir=work_dir,
+                restart=restart,
+                keep_embeddings=keep_embeddings,
+                amp=amp,
+            )
+    result = {
+        "index": str(index),
+        "added": summary.added,
+        "skipped": len(summary.skipped),
+        "first_id": summary.first_id,
+        "count": summary.count,
+        "seconds": round(summary.seconds, 2),
+        "images_per_second": round(summary.extraction.images_per_second, 1),
+    }
+    if as_json:
+        print_json(result)
+        return
+    console.print(
+        f"added {summary.added} images to {index} (ids from {summary.first_id}); it now holds {summary.count} "
+        f"({summary.seconds:.1f}s, {summary.extraction.images_per_second:.1f} img/s)",
+        highlight=False,
+    )
+    _print_skipped(len(summary.skipped), index)
+
+
+@contextmanager
+def _resume_hint(work_dir: Path) -> Iterator[None]:
+    """On Ctrl-C, say where the finished chunks are and how to continue (instead of a bare 'interrupted')."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise fail(
+            f"interrupted; the finished chunks are kept in {work_dir}: run the same command again to continue",
+            code=130,
+        ) from None
+
+
+def _print_shard(out: Path, shard: tuple[int, int], run: Any, as_json: bool) -> None:
+    result = {
+        "shard": f"{shard[0]}/{shard[1]}",
+        "out": str(out),
+        "chunks_resumed": run.chunks_before,
+        "chunks_written": run.chunks_written,
+        "embedded": run.images_embedded,
+        "skipped": run.images_skipped,
+        "seconds": round(run.seconds, 2),
+        "images_per_second": round(run.images_per_second, 1),
+    }
+    if as_json:
+        print_json(result)
+        return
+    console.print(
+        f"shard {shard[0]}/{shard[1]}: embedded {run.images_embedded} images into {out} "
+        f"({run.images_skipped} skipped, {run.chunks_before} chunks resumed, {run.images_per_second:.1f} img/s)",
+        highlight=False,
+    )
+    console.print(f"when every shard is done: retrieval index merge DIR_0 ... DIR_{shard[1] - 1} --out INDEX")
+
+
+def _print_build(summary: Any, out: Path, as_json: bool) -> None:
+    run = summary.extraction
     result = {
         "index": str(out),
+        "images": summary.images,
         "count": summary.count,
         "skipped": len(summary.skipped),
         "seconds": round(summary.seconds, 2),
+        "chunks_resumed": run.chunks_before if run else None,
+        "images_per_second": round(run.images_per_second, 1) if run else None,
         "factory": summary.factory,
         "factory_reason": summary.factory_reason,
         "search_params": summary.search_params,
@@ -66,7 +260,12 @@ def build(
     if as_json:
         print_json(result)
         return
-    console.print(f"indexed {summary.count} images into {out} in {summary.seconds:.1f}s")
+    resumed = f", resumed from {run.chunks_before} finished chunks" if run and run.chunks_before else ""
+    speed = f", extraction {run.images_per_second:.1f} img/s" if run else ""
+    console.print(
+        f"indexed {summary.count} of {summary.images} images into {out} in {summary.seconds:.1f}s{speed}{resumed}",
+        highlight=False,
+    )
     console.print(f"index type {summary.factory}: {summary.factory_reason}", highlight=False)
     if summary.tuning is not None:
         tuning = summary.tuning
@@ -77,75 +276,9 @@ def build(
             f"{tuning['target_recall']:.3f} on {tuning['num_queries']} gallery queries",
             highlight=False,
         )
-    if len(summary.skipped):
-        console.print(f"[yellow]skipped {len(summary.skipped)} unreadable images; see {out / 'skipped.tsv'}[/]")
+    _print_skipped(len(summary.skipped), out)
 
 
-def info(
-    index: Path = typer.Argument(..., help="Index directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
-) -> None:
-    """Describe an index: size, dimension, encoder, factory, levels, thresholds."""
-    with user_errors():
-        from indexing.index_dir import open_index_dir
-
-        details = open_index_dir(index).info()
-    if as_json:
-        print_json(details)
-        return
-    width = max(len(k) for k in details)
-    for key, value in details.items():
-        console.print(f"{key:<{width}}  {value}", highlight=False)
-
-
-def calibrate(
-    index: Path = typer.Argument(..., help="Index directory to calibrate (its manifest.json is rewritten atomically)."),
-    labels: Path = typer.Option(
-        ..., "--labels", help="Labelled validation images: a CSV with 'path' and one column per index level."
-    ),
-    objective: str = typer.Option("f1", "--objective", help="'f1' (best F1 per level) or 'precision>=P'."),
-    encoder: Path | None = typer.Option(
-        None, "--encoder", help="Encoder checkpoint directory; default: the one that built the index."
-    ),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
-    workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
-    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
-) -> None:
-    """Choose one similarity threshold per label level and store them in the index's manifest.
-
-    The validation images are embedded by the index's encoder and paired with each other,
-    leave-one-out (every ordered pair of distinct images; positive at a level when both share
-    its class); per level, the threshold that best meets the objective over those pairs is kept,
-    in ruler order (fine >= middle >= coarse). The levels of --labels must be the index's. Prints
-    threshold, precision, recall and F1 per level. Afterwards hits carry their level and
-    `retrieval search --granularity LEVEL` keeps the hits above that level's threshold.
-    """
-    with user_errors():
-        from indexing.calibrate_index import calibrate_index
-
-        result = calibrate_index(
-            index,
-            labels,
-            objective,
-            encoder_path=encoder,
-            batch_size=batch_size,
-            device=device,
-            num_workers=workers,
-            progress=not as_json,
-        )
-    if as_json:
-        print_json(
-            {
-                "index": str(index),
-                "images": result.images,
-                "skipped": len(result.skipped),
-                "thresholds": result.calibration.thresholds,
-                "calibration": result.calibration.to_dict(),
-            }
-        )
-        return
-    console.print(f"calibrated {index} on {result.images} validation images (leave-one-out pairs)", highlight=False)
-    console.print(result.calibration.format_table(), highlight=False)
-    if len(result.skipped):
-        console.print(f"[yellow]skipped {len(result.skipped)} unreadable validation images[/]")
+def _print_skipped(count: int, index: Path) -> None:
+    if count:
+        console.print(f"[yellow]skipped {count} unreadable images; see {index / 'skipped.tsv'}[/]", highlight=False)

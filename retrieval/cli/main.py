@@ -18,6 +18,7 @@ from retrieval.cli import (
     evaluate_revisited_cmd,
     export_cmd,
     index_cmd,
+    index_inspect_cmd,
     quickstart_cmd,
     search_cmd,
     serve_cmd,
@@ -34,7 +35,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Datasets: generate the synthetic hierarchical gallery.", no_args_is_help=True)
-index_app = typer.Typer(help="Build, inspect and calibrate index directories.", no_args_is_help=True)
+index_app = typer.Typer(help="Build, merge, extend, inspect and calibrate index directories.", no_args_is_help=True)
 evaluate_app = typer.Typer(help="Offline evaluation protocols.", no_args_is_help=True)
 
 app.command("quickstart")(quickstart_cmd.quickstart)
@@ -44,8 +45,10 @@ app.command("export")(export_cmd.export)
 app.command("serve")(serve_cmd.serve)
 data_app.command("synth")(data_cmd.synth)
 index_app.command("build")(index_cmd.build)
-index_app.command("info")(index_cmd.info)
-index_app.command("calibrate")(index_cmd.calibrate)
+index_app.command("merge")(index_cmd.merge)
+index_app.command("add")(index_cmd.add)
+index_app.command("info")(index_inspect_cmd.info)
+index_app.command("calibrate")(index_inspect_cmd.calibrate)
 evaluate_app.command("recall")(evaluate_cmd.recall)
 evaluate_app.command("dyml")(evaluate_dyml_cmd.dyml)
 evaluate_app.command("revisited")(evaluate_revisited_cmd.revisited)

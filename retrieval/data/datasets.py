@@ -34,6 +34,7 @@ __all__ = [
     "InMemoryImageDataset",
     "LabelledImageDataset",
     "open_dataset",
+    "read_csv_records",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -147,6 +148,34 @@ def _encode_rows(schema: LabelSchema, rows: Sequence[Sequence[str]]) -> tuple[La
     return vocab, labels
 
 
+def read_csv_records(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and non-blank ``(line number, row)`` records of a UTF-8 CSV that must have a ``path`` column.
+
+    Raises:
+        DatasetError: unreadable CSV, no header, no ``path`` column, a row with surplus cells, or no rows.
+    """
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            records = []
+            for rec in reader:
+                if None in rec:  # DictReader files surplus cells under the key None
+                    raise DatasetError(f"{csv_path}, line {reader.line_num}: more cells than header columns")
+                if any((v or "").strip() for v in rec.values()):  # skip blank lines
+                    records.append((reader.line_num, rec))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{csv_path}: not a readable UTF-8 CSV ({exc})") from None
+    if not header:
+        raise DatasetError(f"{csv_path}: empty file (expected a header row with 'path' and label columns)")
+    if "path" not in header:
+        raise DatasetError(f"{csv_path}: missing column 'path' (columns: {', '.join(header)})")
+    if not records:
+        raise DatasetError(f"{csv_path}: no rows after the header")
+    return header, records
+
+
 class CsvImageDataset(LabelledImageDataset):
     """Images listed in a CSV with a ``path`` column and one column per label level.
 
@@ -174,7 +203,7 @@ class CsvImageDataset(LabelledImageDataset):
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise DatasetError(f"label file not found: {csv_path}")
-        header, records = self._read(csv_path)
+        header, records = read_csv_records(csv_path)
         level_names = self._levels(csv_path, header, levels)
         if split is not None:
             records = self._filter_split(csv_path, header, records, split)
@@ -195,29 +224,6 @@ class CsvImageDataset(LabelledImageDataset):
         super().__init__(schema, vocab, labels, [str(p) for p in paths], transform)
         self.csv_path = csv_path
         self.paths = paths
-
-    @staticmethod
-    def _read(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-        try:
-            with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                header = [h.strip() for h in (reader.fieldnames or [])]
-                reader.fieldnames = header
-                records = []
-                for rec in reader:
-                    if None in rec:  # DictReader files surplus cells under the key None
-                        raise DatasetError(f"{csv_path}, line {reader.line_num}: more cells than header columns")
-                    if any((v or "").strip() for v in rec.values()):  # skip blank lines
-                        records.append((reader.line_num, rec))
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise DatasetError(f"{csv_path}: not a readable UTF-8 CSV ({exc})") from None
-        if not header:
-            raise DatasetError(f"{csv_path}: empty file (expected a header row with 'path' and label columns)")
-        if "path" not in header:
-            raise DatasetError(f"{csv_path}: missing column 'path' (columns: {', '.join(header)})")
-        if not records:
-            raise DatasetError(f"{csv_path}: no rows after the header")
-        return header, records
 
     @staticmethod
     def _levels(csv_path: Path, header: list[str], levels: Sequence[str] | None) -> list[str]:

@@ -66,6 +66,12 @@ class SkipReport:
     def __len__(self) -> int:
         return len(self.skipped)
 
+    @classmethod
+    def read(cls, path: str | Path) -> SkipReport:
+        """Read a report written by :meth:`write` (one ``path<TAB>reason`` line per file after the header)."""
+        lines = Path(path).read_text().splitlines()[1:]
+        return cls([tuple(line.split("\t", 1)) if "\t" in line else (line, "") for line in lines if line])
+
     def write(self, path: str | Path) -> None:
         lines = ["path\treason", *(f"{src}\t{reason}" for src, reason in self.skipped)]
         Path(path).write_text("\n".join(lines) + "\n")

@@ -10,20 +10,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from retrieval.data.datasets import LabelledImageDataset
 from retrieval.data.images import CorruptImageError, SkipReport
 
-__all__ = ["SkipCorrupt", "SkippingItem", "collate_skipping", "report_skipped"]
+__all__ = ["ImageSource", "SkipCorrupt", "SkippingItem", "collate_skipping", "report_skipped"]
 
 logger = logging.getLogger(__name__)
 
 SkippingItem = tuple[int, torch.Tensor | None, str | None]
+
+
+class ImageSource(Protocol):
+    """What skip-and-report loading reads: a labelled dataset or a gallery (``retrieval.data.gallery``)."""
+
+    names: list[str] | Sequence[str]
+    transform: Callable[[Image.Image], Any] | None
+
+    def __len__(self) -> int: ...
+
+    def load_image(self, i: int) -> Image.Image: ...
 
 
 class SkipCorrupt(Dataset):
@@ -37,7 +47,7 @@ class SkipCorrupt(Dataset):
         ValueError: neither ``transform`` nor ``dataset.transform`` is set (batches need tensors).
     """
 
-    def __init__(self, dataset: LabelledImageDataset, transform: Callable[[Image.Image], Any] | None = None) -> None:
+    def __init__(self, dataset: ImageSource, transform: Callable[[Image.Image], Any] | None = None) -> None:
         transform = transform if transform is not None else dataset.transform
         if transform is None:
             raise ValueError("SkipCorrupt needs a transform that turns images into tensors")
@@ -75,7 +85,7 @@ def collate_skipping(batch: Sequence[SkippingItem]) -> tuple[torch.Tensor, torch
 
 
 def report_skipped(
-    dataset: LabelledImageDataset, skipped: Sequence[tuple[int, str]], report: SkipReport | None = None
+    dataset: ImageSource, skipped: Sequence[tuple[int, str]], report: SkipReport | None = None
 ) -> SkipReport:
     """Add skipped ``(index, reason)`` pairs to a :class:`SkipReport`, naming items by ``dataset.names``.
 

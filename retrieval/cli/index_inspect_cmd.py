@@ -1,0 +1,138 @@
+"""``retrieval index info|calibrate``: describe an index directory, and store its granularity thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from retrieval.cli.common import console, print_json, user_errors
+
+
+def info(
+    index: Path = typer.Argument(..., help="Index directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print every field as JSON."),
+) -> None:
+    """Describe an index: items, ids, index type and search defaults, encoder, levels, thresholds, files, history."""
+    with user_errors():
+        from indexing.index_dir import open_index_dir
+
+        with open_index_dir(index) as directory:
+            details = directory.info()
+    if as_json:
+        print_json(details)
+        return
+    for key, value in describe(details):
+        console.print(f"{key:<12} {value}", highlight=False, soft_wrap=True)
+
+
+def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """``IndexDirectory.info()`` as labelled lines for a person to read."""
+    faiss = details["faiss"]
+    ids = details["id_range"]
+    lines = [
+        ("index", details["path"]),
+        ("items", f"{details['count']:,} indexed, {details['skipped']:,} skipped as unreadable"),
+        ("ids", f"{ids[0]} .. {ids[1]}" if ids else "none"),
+        ("vectors", f"{details['dim']}-d, {details['metric'].replace('_', ' ')} on L2-normalised vectors"),
+        ("factory", f"{details['factory']}" + (f" ({details['factory_reason']})" if details["factory_reason"] else "")),
+        ("search", _search_line(details, faiss)),
+        ("encoder", f"{details['encoder_id']}" + (f" ({details['encoder_path']})" if details["encoder_path"] else "")),
+        ("levels", ", ".join(details["levels"]) or "none (unlabelled)"),
+        ("thresholds", _thresholds_line(details)),
+        ("files", ", ".join(f"{name} {_size(size)}" for name, size in details["files"].items())),
+        ("size", _size(details["size_bytes"])),
+        ("checksum", f"sha256 {details['index_sha256']}" if details["index_sha256"] else "not recorded"),
+        ("format", f"version {details['format_version']}, written {details['created_at']}"),
+    ]
+    for entry in details["history"]:
+        shards = f" from {entry['shards']} shards" if entry.get("shards", 1) > 1 else ""
+        lines.append(
+            (
+                "history",
+                f"{entry['at']} {entry['action']}{shards}: {entry['added']:,} of {entry['images']:,} images from "
+                f"{entry['source']} ({entry['skipped']:,} skipped)",
+            )
+        )
+    return lines
+
+
+def _search_line(details: dict[str, Any], faiss: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in faiss["default_params"].items()) or "exact (no parameter)"
+    nlist = f"; {faiss['nlist']} inverted lists" if faiss["nlist"] else ""
+    tuning = details.get("tuning")
+    if not tuning:
+        return params + nlist
+    verdict = "reached" if tuning["reached"] else "not reached"
+    return (
+        f"{params}{nlist}; tuned at build for recall@{tuning['k']} >= {tuning['target_recall']:.3f} "
+        f"({verdict}: {tuning['recall']:.3f} on {tuning['num_queries']} gallery queries)"
+    )
+
+
+def _thresholds_line(details: dict[str, Any]) -> str:
+    if not details["thresholds"]:
+        return "not calibrated (retrieval index calibrate INDEX --labels CSV)"
+    return ", ".join(f"{level} {value:.4f}" for level, value in details["thresholds"].items())
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def calibrate(
+    index: Path = typer.Argument(..., help="Index directory to calibrate (its manifest.json is rewritten atomically)."),
+    labels: Path = typer.Option(
+        ..., "--labels", help="Labelled validation images: a CSV with 'path' and one column per index level."
+    ),
+    objective: str = typer.Option("f1", "--objective", help="'f1' (best F1 per level) or 'precision>=P'."),
+    encoder: Path | None = typer.Option(
+        None, "--encoder", help="Encoder checkpoint directory; default: the one that built the index."
+    ),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
+    device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+) -> None:
+    """Choose one similarity threshold per label level and store them in the index's manifest.
+
+    The validation images are embedded by the index's encoder and paired with each other,
+    leave-one-out (every ordered pair of distinct images; positive at a level when both share
+    its class); per level, the threshold that best meets the objective over those pairs is kept,
+    in ruler order (fine >= middle >= coarse). The levels of --labels must be the index's. Prints
+    threshold, precision, recall and F1 per level. Afterwards hits carry their level and
+    `retrieval search --granularity LEVEL` keeps the hits above that level's threshold.
+    """
+    with user_errors():
+        from indexing.calibrate_index import calibrate_index
+
+        result = calibrate_index(
+            index,
+            labels,
+            objective,
+            encoder_path=encoder,
+            batch_size=batch_size,
+            device=device,
+            num_workers=workers,
+            progress=not as_json,
+        )
+    if as_json:
+        print_json(
+            {
+                "index": str(index),
+                "images": result.images,
+                "skipped": len(result.skipped),
+                "thresholds": result.calibration.thresholds,
+                "calibration": result.calibration.to_dict(),
+            }
+        )
+        return
+    console.print(f"calibrated {index} on {result.images} validation images (leave-one-out pairs)", highlight=False)
+    console.print(result.calibration.format_table(), highlight=False)
+    if len(result.skipped):
+        console.print(f"[yellow]skipped {len(result.skipped)} unreadable validation images[/]")
