@@ -211,16 +211,15 @@ class EmbeddingStore:
                 f"{path} exists and is not an extraction directory (no {SPEC_FILE}); choose another path"
             )
         if (path / SPEC_FILE).is_file():
-            existing = cls.open(path)
-            differences = existing.spec.job_differences(spec)
-            if existing.spec.batch_size != spec.batch_size:
-                differences.append(f"batch_size: {existing.spec.batch_size} vs {spec.batch_size}")
-            if (existing.spec.shard_index, existing.spec.num_shards) != (spec.shard_index, spec.num_shards):
-                differences.append(
-                    f"shard: {existing.spec.shard_index}/{existing.spec.num_shards} vs "
-                    f"{spec.shard_index}/{spec.num_shards}"
-                )
-            if not differences:
+            try:
+                existing = cls.open(path)
+            except IndexFormatError as exc:
+                if not restart:
+                    raise IndexFormatError(f"{exc}; pass --restart to discard that extraction") from None
+                existing = None
+            differences = ["unreadable extraction.json"] if existing is None else _differences(existing.spec, spec)
+            if existing is not None and not differences:
+                _remove_torn_chunks(path)
                 return existing
             if not restart:
                 raise ExtractionMismatchError(
@@ -231,6 +230,7 @@ class EmbeddingStore:
             for chunk_file in (path / CHUNKS_DIR).glob("chunk-*.npz"):
                 chunk_file.unlink()
         (path / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
+        _remove_torn_chunks(path)
         write_file_atomically(path / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")
         return cls(path, spec)
 
@@ -343,6 +343,24 @@ class EmbeddingStore:
 
     def __repr__(self) -> str:
         return f"EmbeddingStore({str(self.path)!r}, shard {self.spec.shard_index}/{self.spec.num_shards})"
+
+
+def _remove_torn_chunks(path: Path) -> None:
+    """Delete the temporary files of chunks whose writer was killed before renaming them into place."""
+    for torn in (path / CHUNKS_DIR).glob(".chunk-*.tmp-*"):
+        torn.unlink(missing_ok=True)
+
+
+def _differences(existing: ExtractionSpec, wanted: ExtractionSpec) -> list[str]:
+    """Why an extraction on disk cannot be continued by ``wanted``: the job, the batch size or the shard differ."""
+    differences = existing.job_differences(wanted)
+    if existing.batch_size != wanted.batch_size:
+        differences.append(f"batch_size: {existing.batch_size} vs {wanted.batch_size}")
+    if (existing.shard_index, existing.num_shards) != (wanted.shard_index, wanted.num_shards):
+        differences.append(
+            f"shard: {existing.shard_index}/{existing.num_shards} vs {wanted.shard_index}/{wanted.num_shards}"
+        )
+    return differences
 
 
 def combine_stores(stores: list[EmbeddingStore]) -> StoredEmbeddings:
