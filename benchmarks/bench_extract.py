@@ -2,11 +2,12 @@
 
 Usage:
     python benchmarks/bench_extract.py [--backbone resnet10t] [--size 224] [--batch-size 64] [--workers 0,2]
-                                       [--limit N] [--threads T] [--device cpu] [--repeats 3]
+                                       [--limit N] [--threads T] [--device cpu] [--repeats 3] [--chunk-size 128]
 
-The pipeline is ``indexing.extract.extract_embeddings`` exactly as indexing runs it: JPEG decode, resize and
-normalise in DataLoader workers, then the forward pass, for each ``--workers`` value (worker start-up included,
-as it is in every real run). The model-only rate feeds the same images, decoded and transformed beforehand with
+The pipeline is ``indexing.extract.extract_embeddings``: JPEG decode, resize and normalise in DataLoader
+workers, then the forward pass, for each ``--workers`` value (worker start-up included, as it is in every real
+run). The "index build" rows run ``extract_to_store``, what ``retrieval index build`` does: the same pipeline,
+writing each chunk of ``--chunk-size`` embeddings to an fsynced file as it completes (the price of resuming). The model-only rate feeds the same images, decoded and transformed beforehand with
 the same ``build_transforms``, to the same encoder at the same batch size on the same device. Their ratio, the
 pipeline efficiency, says how much of the model's speed survives the input pipeline: near 1 the model is the
 bottleneck, well below 1 decoding is, and more workers (or cores) would pay.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -74,13 +76,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads in the main process (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is reported")
+    parser.add_argument(
+        "--chunk-size", type=int, default=128, help="images per chunk file in the resumable `index build` rows"
+    )
     args = parser.parse_args()
 
     import torch
 
-    from indexing.extract import extract_embeddings
+    from indexing.embedding_store import EmbeddingStore, ExtractionSpec
+    from indexing.extract import extract_embeddings, extract_to_store
     from models import Encoder, EncoderConfig
     from models.devices import resolve_device
+    from retrieval.data.gallery import Gallery
     from retrieval.data.transforms import PreprocessConfig, build_transforms
 
     if args.threads:
@@ -121,9 +128,34 @@ def main() -> None:
 
             return run
 
+        gallery = Gallery.from_dataset(dataset, source)
+        spec = ExtractionSpec(
+            encoder_id=str(encoder.encoder_id),
+            dim=encoder.embedding_dim,
+            gallery_source=source,
+            gallery_count=n,
+            gallery_fingerprint=gallery.fingerprint(),
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+        )
+
+        def resumable(num_workers: int) -> Callable[[], None]:
+            """What `index build` runs: the same pipeline writing fsynced chunk files (a fresh store each time)."""
+
+            def run() -> None:
+                store_dir = Path(tmp) / "store"
+                shutil.rmtree(store_dir, ignore_errors=True)
+                store = EmbeddingStore.open_for(store_dir, spec)
+                extract_to_store(encoder, gallery, store, device=device, num_workers=num_workers, progress=False)
+                sync()
+
+            return run
+
         runs = {"model only (tensors)": model_only}
         for w in workers:
-            runs[f"extract, {w} worker{'s' if w != 1 else ''}"] = pipeline(w)
+            plural = "s" if w != 1 else ""
+            runs[f"extract, {w} worker{plural}"] = pipeline(w)
+            runs[f"index build, {w} worker{plural}"] = resumable(w)
         # Warm-up, once: first-call allocations, oneDNN/cuDNN algorithm choice, lazy imports of the decode path.
         # (DataLoader workers are fresh processes on every call, as in a real run, so there is nothing to keep warm.)
         with torch.inference_mode():
@@ -133,9 +165,9 @@ def main() -> None:
         seconds = _interleaved_median_seconds(runs, args.repeats)
 
         model_rate = n / seconds["model only (tensors)"]
-        print(f"{'':<22} {'img/s':>8} {'efficiency':>11}")
+        print(f"{'':<26} {'img/s':>8} {'efficiency':>11}")
         for label, s in seconds.items():
-            print(f"{label:<22} {n / s:>8.1f} {n / s / model_rate:>10.2f}x")
+            print(f"{label:<26} {n / s:>8.1f} {n / s / model_rate:>10.2f}x")
 
 
 if __name__ == "__main__":
