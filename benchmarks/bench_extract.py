@@ -7,9 +7,10 @@ Usage:
 The pipeline is ``indexing.extract.extract_embeddings``: JPEG decode, resize and normalise in DataLoader
 workers, then the forward pass, for each ``--workers`` value (worker start-up included, as it is in every real
 run). The "index build" rows run ``extract_to_store``, what ``retrieval index build`` does: the same pipeline,
-writing each chunk of ``--chunk-size`` embeddings to an fsynced file as it completes (the price of resuming). The model-only rate feeds the same images, decoded and transformed beforehand with
-the same ``build_transforms``, to the same encoder at the same batch size on the same device. Their ratio, the
-pipeline efficiency, says how much of the model's speed survives the input pipeline: near 1 the model is the
+writing each chunk of ``--chunk-size`` embeddings to an fsynced file as it completes (the price of resuming).
+The model-only rate feeds the same images, decoded and transformed beforehand with the same
+``build_transforms``, to the same encoder at the same batch size on the same device. Their ratio, the pipeline
+efficiency, says how much of the model's speed survives the input pipeline: near 1 the model is the
 bottleneck, well below 1 decoding is, and more workers (or cores) would pay.
 
 Images are the real JPEGs of ``../shared/data/clothing-small`` (beside the repository root) when present, else

@@ -100,22 +100,17 @@ def build(
             _print_shard(out, slice_, run, as_json)
             return
         with _resume_hint(work_dir or default_work_dir(out)):
+            extraction = _extraction_kwargs(
+                batch_size, chunk_size, device, workers, amp, as_json, work_dir, restart, keep_embeddings
+            )
             summary = build_index(
                 encoder,
                 gallery,
                 out,
                 factory=factory,
-                batch_size=batch_size,
-                device=device,
-                num_workers=workers,
-                progress=not as_json,
                 memory_budget=memory_budget,
                 target_recall=target_recall,
-                chunk_size=chunk_size,
-                work_dir=work_dir,
-                restart=restart,
-                keep_embeddings=keep_embeddings,
-                amp=amp,
+                **extraction,
             )
     _print_build(summary, out, as_json)
 
@@ -174,20 +169,10 @@ def add(
 
         gallery = open_gallery(images)
         with _resume_hint(work_dir or default_work_dir(index, "add-extract")):
-            summary = add_to_index(
-                index,
-                gallery,
-                encoder,
-                batch_size=batch_size,
-                device=device,
-                num_workers=workers,
-                progress=not as_json,
-                chunk_size=chunk_size,
-                work_dir=work_dir,
-                restart=restart,
-                keep_embeddings=keep_embeddings,
-                amp=amp,
+            extraction = _extraction_kwargs(
+                batch_size, chunk_size, device, workers, amp, as_json, work_dir, restart, keep_embeddings
             )
+            summary = add_to_index(index, gallery, encoder, **extraction)
     result = {
         "index": str(index),
         "added": summary.added,
@@ -206,6 +191,31 @@ def add(
         highlight=False,
     )
     _print_skipped(len(summary.skipped), index)
+
+
+def _extraction_kwargs(
+    batch_size: int,
+    chunk_size: int,
+    device: str,
+    workers: int,
+    amp: bool,
+    as_json: bool,
+    work_dir: Path | None,
+    restart: bool,
+    keep_embeddings: bool,
+) -> dict[str, Any]:
+    """The extraction options ``build_index`` and ``add_to_index`` share, from the command's flags."""
+    return {
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
+        "device": device,
+        "num_workers": workers,
+        "amp": amp,
+        "progress": not as_json,
+        "work_dir": work_dir,
+        "restart": restart,
+        "keep_embeddings": keep_embeddings,
+    }
 
 
 @contextmanager
