@@ -25,6 +25,19 @@ FACTORY_HELP = (
 )
 
 
+def _calibrate_option() -> Any:
+    return typer.Option(
+        None,
+        "--calibrate",
+        help="Labelled validation images (CSV with 'path' + the index's level columns): calibrate the granularity "
+        "thresholds right after writing the index, as `retrieval index calibrate` would.",
+    )
+
+
+def _objective_option() -> Any:
+    return typer.Option("f1", "--objective", help="Calibration objective with --calibrate: 'f1' or 'precision>=P'.")
+
+
 def _factory_option() -> Any:
     return typer.Option("auto", help=FACTORY_HELP)
 
@@ -50,6 +63,8 @@ def build(
     factory: str = _factory_option(),
     memory_budget: str | None = _budget_option(),
     target_recall: float = _recall_option(),
+    calibrate: Path | None = _calibrate_option(),
+    objective: str = _objective_option(),
     shard: str | None = typer.Option(
         None,
         "--shard",
@@ -81,13 +96,15 @@ def build(
     Corrupt or unreadable images are skipped and listed in OUT/skipped.tsv; the build goes on and
     the summary counts them. The index type and why it was chosen are printed and recorded in the
     manifest; an approximate index has its search parameter (nprobe, efSearch) tuned to
-    --target-recall on a sample of the gallery, stored as its default.
+    --target-recall on a sample of the gallery, stored as its default. With --calibrate, the
+    granularity thresholds are calibrated on labelled validation images right after.
     """
     with user_errors():
         from indexing.builder import ExtractOptions, build_index, default_work_dir, extract_shard
         from indexing.embedding_store import parse_shard
         from retrieval.data.gallery import open_gallery
 
+        _check_calibration_options(calibrate, objective)
         gallery = open_gallery(images)
         if shard is not None:
             try:
@@ -112,7 +129,8 @@ def build(
                 target_recall=target_recall,
                 **extraction,
             )
-    _print_build(summary, out, as_json)
+        calibration = _calibrate(out, calibrate, objective, batch_size, device, workers, as_json)
+    _print_build(summary, out, as_json, calibration)
 
 
 def merge(
@@ -121,6 +139,8 @@ def merge(
     factory: str = _factory_option(),
     memory_budget: str | None = _budget_option(),
     target_recall: float = _recall_option(),
+    calibrate: Path | None = _calibrate_option(),
+    objective: str = _objective_option(),
     encoder: Path | None = typer.Option(
         None, "--encoder", help="Default query encoder to record (default: the checkpoint that embedded the shards)."
     ),
@@ -134,8 +154,10 @@ def merge(
     with user_errors():
         from indexing.builder import merge_shards
 
+        _check_calibration_options(calibrate, objective)
         summary = merge_shards(list(shards), out, factory, memory_budget, target_recall, encoder_path=encoder)
-    _print_build(summary, out, as_json)
+        calibration = _calibrate(out, calibrate, objective, 64, "cpu", 0, as_json)
+    _print_build(summary, out, as_json, calibration)
 
 
 def add(
@@ -191,6 +213,32 @@ def add(
         highlight=False,
     )
     _print_skipped(len(summary.skipped), index)
+
+
+def _check_calibration_options(labels: Path | None, objective: str) -> None:
+    """A missing labels file or a bad objective fails before the (long) build, not after it."""
+    from indexing.calibration import parse_objective
+
+    if labels is None:
+        return
+    if not labels.exists():
+        raise fail(f"--calibrate: validation labels not found: {labels}")
+    try:
+        parse_objective(objective)
+    except ValueError as exc:
+        raise fail(f"--objective: {exc}") from None
+
+
+def _calibrate(
+    index: Path, labels: Path | None, objective: str, batch_size: int, device: str, workers: int, as_json: bool
+) -> Any:
+    if labels is None:
+        return None
+    from indexing.calibrate_index import calibrate_index
+
+    return calibrate_index(
+        index, labels, objective, batch_size=batch_size, device=device, num_workers=workers, progress=not as_json
+    )
 
 
 def _extraction_kwargs(
@@ -252,7 +300,7 @@ def _print_shard(out: Path, shard: tuple[int, int], run: Any, as_json: bool) -> 
     console.print(f"when every shard is done: retrieval index merge DIR_0 ... DIR_{shard[1] - 1} --out INDEX")
 
 
-def _print_build(summary: Any, out: Path, as_json: bool) -> None:
+def _print_build(summary: Any, out: Path, as_json: bool, calibration: Any = None) -> None:
     run = summary.extraction
     result = {
         "index": str(out),
@@ -266,6 +314,7 @@ def _print_build(summary: Any, out: Path, as_json: bool) -> None:
         "factory_reason": summary.factory_reason,
         "search_params": summary.search_params,
         "tuning": summary.tuning,
+        "thresholds": calibration.calibration.thresholds if calibration else None,
     }
     if as_json:
         print_json(result)
@@ -287,6 +336,9 @@ def _print_build(summary: Any, out: Path, as_json: bool) -> None:
             highlight=False,
         )
     _print_skipped(len(summary.skipped), out)
+    if calibration is not None:
+        console.print(f"calibrated on {calibration.images} validation images (leave-one-out pairs)", highlight=False)
+        console.print(calibration.calibration.format_table(), highlight=False)
 
 
 def _print_skipped(count: int, index: Path) -> None:

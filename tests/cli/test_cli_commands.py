@@ -136,3 +136,18 @@ def test_calibrate_refuses_labels_without_the_index_levels(synth_dir, tiny_check
         assert result.exit_code == 2, (extra, result.output)
         assert expected in result.output and "Traceback" not in result.output, (extra, result.output)
     assert _json(["index", "info", str(index)])["calibration"] is None
+
+
+def test_build_with_calibrate_stores_thresholds_in_one_step(synth_dir, tiny_checkpoint, tmp_path):
+    index, labels = tmp_path / "index", synth_dir / "train" / "labels.csv"
+    common = ["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(synth_dir / "val")]
+    refused = runner.invoke(app, [*common, "--out", str(index), "--calibrate", str(labels), "--objective", "recall"])
+    assert refused.exit_code == 2 and "unknown objective" in refused.output and not index.exists()
+
+    built = _json([*common, "--out", str(index), "--calibrate", str(labels)])
+    assert list(built["thresholds"]) == ["fine", "middle", "coarse"]
+    separate = tmp_path / "separate"
+    _json([*common, "--out", str(separate)])
+    calibrated = _json(["index", "calibrate", str(separate), "--labels", str(labels)])
+    assert built["thresholds"] == calibrated["thresholds"]  # the same as calibrating afterwards
+    assert _json(["index", "info", str(index)])["thresholds"] == built["thresholds"]
