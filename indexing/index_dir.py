@@ -354,6 +354,7 @@ class IndexDirectory(Closeable):
                         score=score,
                         path=row.path if row else None,
                         labels=dict(row.labels) if row else {},
+                        extra=dict(row.extra) if row else {},
                     )
                 )
             found = SearchResults(tuple(hits))

@@ -31,6 +31,8 @@ class SearchHit:
         level: the finest label level whose calibrated threshold the score reaches (see
             :mod:`indexing.granularity`); ``None`` when the index is not calibrated or the score is below
             every threshold.
+        extra: the item's other metadata (the gallery CSV's extra columns: SKU, URL, ...), often what a
+            product page needs to show the hit.
     """
 
     id: int
@@ -38,12 +40,15 @@ class SearchHit:
     path: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     level: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable form, the shape the HTTP API returns; ``"level"`` only when the hit has one."""
+        """Plain JSON-serialisable form, the shape the HTTP API returns; ``"level"`` and ``"extra"`` only when set."""
         payload: dict[str, Any] = {"id": self.id, "score": self.score, "path": self.path, "labels": dict(self.labels)}
         if self.level is not None:
             payload["level"] = self.level
+        if self.extra:
+            payload["extra"] = dict(self.extra)
         return payload
 
 
@@ -101,5 +106,5 @@ class SearchResults:
         return SearchResults(self.hits[:k])
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable form: ``{"hits": [{"id", "score", "path", "labels"[, "level"]}, ...]}``."""
+        """JSON-serialisable form: ``{"hits": [{"id", "score", "path", "labels"[, "level"][, "extra"]}, ...]}``."""
         return {"hits": [hit.to_dict() for hit in self.hits]}

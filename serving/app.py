@@ -46,7 +46,7 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
         (form field or query parameter, 1..``max_k``, default ``default_k``) and an optional
         ``granularity`` (form field or query parameter: a calibrated level; only hits above its
         threshold are returned, up to ``k``); returns ``{"k", "took_ms", "hits": [{"id", "score",
-        "path", "labels"[, "level"]}]}`` (plus ``"granularity"`` when one was asked). Hits of a
+        "path", "labels"[, "level"][, "extra"]}]}`` (plus ``"granularity"`` when one was asked). Hits of a
         calibrated index carry ``level``. An unknown level is a 422, a granularity asked of an
         uncalibrated index a 400, each with a JSON ``{"detail": message}``.
         ``GET /v1/healthz``: ``{"status": "ok", "count", "encoder_id", "query_encoder_id", "dim"}``.

@@ -48,7 +48,8 @@ def search(
         for item in payload:
             console.print(f"[bold]{item['query']}[/]")
             for rank, hit in enumerate(item["hits"], start=1):
-                labels = " ".join(f"{lvl}={name}" for lvl, name in (hit.get("labels") or {}).items())
+                described = {**(hit.get("labels") or {}), **(hit.get("extra") or {})}
+                labels = " ".join(f"{key}={value}" for key, value in described.items())
                 level = f"  level={hit['level']}" if hit.get("level") else ""
                 console.print(
                     f"  {rank:>3}. {hit['score']:.4f}{level}  id={hit['id']}  {hit['path']}  {labels}", highlight=False

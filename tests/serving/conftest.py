@@ -16,7 +16,7 @@ GALLERY_SIZE = 9
 
 @pytest.fixture(scope="session")
 def serving_gallery(tmp_path_factory) -> Path:
-    """Nine seeded PNGs (noisy colour patches with an inverted square) and their ``labels.csv``."""
+    """Nine seeded PNGs (noisy colour patches with an inverted square) and their ``labels.csv`` (with a SKU column)."""
     root = tmp_path_factory.mktemp("serving_gallery")
     rng = np.random.default_rng(7)
     rows = []
@@ -27,9 +27,9 @@ def serving_gallery(tmp_path_factory) -> Path:
         pixels[y : y + 16, x : x + 16] = 255 - pixels[y : y + 16, x : x + 16]
         name = f"img_{i}.png"
         Image.fromarray(pixels).save(root / name)
-        rows.append({"path": name, "fine": fine, "middle": MIDDLE[fine], "coarse": "colour"})
+        rows.append({"path": name, "fine": fine, "middle": MIDDLE[fine], "coarse": "colour", "sku": f"SKU-{i:03d}"})
     with open(root / "labels.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "fine", "middle", "coarse"])
+        writer = csv.DictWriter(fh, fieldnames=["path", "fine", "middle", "coarse", "sku"])
         writer.writeheader()
         writer.writerows(rows)
     return root / "labels.csv"
@@ -37,12 +37,12 @@ def serving_gallery(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def serving_index(tiny_checkpoint, serving_gallery, tmp_path_factory) -> Path:
-    """An exact index of the gallery built by the shared tiny checkpoint."""
+    """An exact index of the gallery built by the shared tiny checkpoint; the SKU column is per-item metadata."""
     from indexing.builder import build_index
-    from retrieval.data.datasets import CsvImageDataset
+    from retrieval.data.gallery import open_gallery
 
     out = tmp_path_factory.mktemp("serving_index") / "index"
-    build_index(tiny_checkpoint, CsvImageDataset(serving_gallery), out, batch_size=4, progress=False)
+    build_index(tiny_checkpoint, open_gallery(serving_gallery), out, batch_size=4, progress=False)
     return out
 
 

@@ -82,7 +82,8 @@ def test_search_returns_ranked_hits_with_itself_first(client, gallery):
         assert body["k"] == 3 and body["took_ms"] > 0
         hits = body["hits"]
         assert len(hits) == 3
-        assert set(hits[0]) == {"id", "score", "path", "labels"}
+        assert set(hits[0]) == {"id", "score", "path", "labels", "extra"}
+        assert hits[0]["extra"] == {"sku": f"SKU-{i:03d}"}  # the gallery CSV's other columns come back
         assert hits[0]["id"] == i and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert hits[0]["labels"] == gallery.label_names(i) and hits[0]["path"] == gallery.names[i]
         scores = [hit["score"] for hit in hits]
