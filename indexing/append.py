@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from indexing.builder import ExtractOptions, default_work_dir, extract_gallery
 from indexing.embedding_store import DEFAULT_CHUNK_SIZE, combine_stores
 from indexing.errors import IndexFormatError
 from indexing.extract import StoreRun
+from indexing.extract_job import ExtractOptions, default_work_dir, extract_gallery
 from indexing.index_dir import append_to_index_dir, open_index_dir
 from indexing.manifest import HistoryEntry
 from models.checkpoint import load_encoder

@@ -100,8 +100,9 @@ def build(
     granularity thresholds are calibrated on labelled validation images right after.
     """
     with user_errors():
-        from indexing.builder import ExtractOptions, build_index, default_work_dir, extract_shard
+        from indexing.builder import build_index
         from indexing.embedding_store import parse_shard
+        from indexing.extract_job import ExtractOptions, default_work_dir, extract_shard
         from retrieval.data.gallery import open_gallery
 
         _check_calibration_options(calibrate, objective)
@@ -186,7 +187,7 @@ def add(
     """
     with user_errors():
         from indexing.append import add_to_index
-        from indexing.builder import default_work_dir
+        from indexing.extract_job import default_work_dir
         from retrieval.data.gallery import open_gallery
 
         gallery = open_gallery(images)

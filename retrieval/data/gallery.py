@@ -127,7 +127,7 @@ def open_gallery(spec: str | Path, levels: Sequence[str] | None = None) -> Galle
     Raises:
         DatasetError: a missing path, an image given instead of a list, an empty list, or a bad CSV.
     """
-    path = Path(spec)
+    path = Path(os.path.abspath(spec))  # recorded in manifests: absolute, so it means the same from anywhere
     if path.is_dir():
         if (path / "labels.csv").is_file():
             return _csv_gallery(path / "labels.csv", levels)

@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 from indexing.append import add_to_index
-from indexing.builder import ExtractOptions, build_index, extract_shard, merge_shards
+from indexing.builder import build_index, merge_shards
 from indexing.embedding_store import EmbeddingStore, ExtractionMismatchError
 from indexing.errors import IndexFormatError
+from indexing.extract_job import ExtractOptions, extract_shard
 from indexing.index_dir import INDEX_FILE, open_index_dir
 from retrieval.data.datasets import DatasetError
 from retrieval.data.gallery import Gallery, open_gallery
