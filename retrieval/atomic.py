@@ -14,7 +14,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "fsync_directory", "fsync_tree", "write_file_atomically"]
+__all__ = [
+    "atomic_directory",
+    "fsync_directory",
+    "fsync_tree",
+    "remove_abandoned_temporaries",
+    "write_file_atomically",
+]
 
 
 def fsync_tree(path: Path) -> None:
@@ -62,6 +68,31 @@ def write_file_atomically(path: str | Path, data: str | bytes) -> None:
     fsync_directory(path.parent)
 
 
+def remove_abandoned_temporaries(target: Path) -> list[Path]:
+    """Delete the temporary directories of ``atomic_directory`` writers to ``target`` that no longer run.
+
+    Only directories named ``.<target>.tmp-<pid>-*`` whose process is gone on this machine are removed;
+    a live writer's directory (or one from before pids were recorded) is left alone. Returns what was removed.
+    """
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = candidate.name[len(f".{target.name}.tmp-") :].split("-", 1)[0]
+        if candidate.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces ``target`` atomically.
@@ -71,10 +102,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     crash between them leaves the old version under ``<target>.old-*``, which
     a reader can restore by hand, but ``target`` itself is never
     half-written.
+
+    The temporary directory's name carries the writer's process id, so a later write to the same
+    target removes the leftovers of writers that were killed (a large index would otherwise leave
+    gigabytes behind on every kill).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_abandoned_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes 0700; the result should be shared like a mkdir
     try:
         yield tmp

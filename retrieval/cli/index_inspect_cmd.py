@@ -44,7 +44,7 @@ def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
         ("files", ", ".join(f"{name} {_size(size)}" for name, size in details["files"].items())),
         ("size", _size(details["size_bytes"])),
         ("checksum", f"sha256 {details['index_sha256']}" if details["index_sha256"] else "not recorded"),
-        ("format", f"version {details['format_version']}, written {details['created_at']}"),
+        ("format", f"version {details['format_version']}, created {details['created_at']}"),
     ]
     for entry in details["history"]:
         shards = f" from {entry['shards']} shards" if entry.get("shards", 1) > 1 else ""

@@ -329,3 +329,5 @@ def test_a_writer_killed_at_any_moment_leaves_a_loadable_index(action, tmp_path)
         outcomes.add("new" if count != 1000 else "old")
     if action == "write":
         assert "old" in outcomes  # a kill early in the write kept the previous index
+    write_index_dir(path, index, (MetadataRow(id=i) for i in range(1000)), Manifest(dim=32, count=1000, encoder_id="e"))
+    assert list(tmp_path.glob(".index.tmp-*")) == []  # the next write cleared what the killed writers left
