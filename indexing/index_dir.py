@@ -334,15 +334,51 @@ class IndexDirectory(Closeable):
         """
         if granularity is not None:
             self.threshold(granularity)  # fail before searching
+        queries = self._check_queries(query_embeddings)
+        scores, ids = self.index.search(queries, k)
+        return self._results(list(zip(scores, ids, strict=True)), granularity)
+
+    def search_above(
+        self, query_embeddings: np.ndarray, min_score: float, limit: int | None = None
+    ) -> tuple[list[SearchResults], bool]:
+        """Every gallery item scoring above ``min_score`` for each query (a range search), best first.
+
+        FAISS's range search is used where the index type has one; elsewhere (GPU IVF, a few CPU types) a
+        k-NN search with a growing k filtered at ``min_score`` stands in, and the second return value says so.
+
+        Args:
+            query_embeddings: ``(Q, dim)`` L2-normalised float32 embeddings.
+            min_score: cosine similarity the hits must exceed.
+            limit: keep at most this many hits per query (``None``: all of them).
+
+        Returns:
+            One ``SearchResults`` per query, and whether the k-NN fallback was used.
+
+        Raises:
+            ValueError: wrong shape or dimension, or a non-positive ``limit``.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be positive, got {limit}")
+        queries = self._check_queries(query_embeddings)
+        found = self.index.range_search(queries, float(min_score))
+        per_query = [found.hits(i) for i in range(len(found))]
+        if limit is not None:
+            per_query = [(scores[:limit], ids[:limit]) for scores, ids in per_query]
+        return self._results(per_query, None), found.fallback
+
+    def _check_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
         queries = np.asarray(query_embeddings)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings must have shape (Q, {self.dim}) for this index, got {queries.shape}")
-        scores, ids = self.index.search(queries, k)
-        wanted = np.unique(ids[ids != NO_ID])
-        rows = self.metadata.get_many(wanted.tolist())
+        return queries
+
+    def _results(self, per_query: list[tuple[np.ndarray, np.ndarray]], granularity: str | None) -> list[SearchResults]:
+        """Join ranked ``(scores, ids)`` per query with the metadata, tag levels and filter by granularity."""
+        every_id = np.concatenate([ids for _, ids in per_query]) if per_query else np.zeros(0, np.int64)
+        rows = self.metadata.get_many(np.unique(every_id[every_id != NO_ID]).tolist())
         thresholds = self.manifest.thresholds
         results = []
-        for q_scores, q_ids in zip(scores, ids, strict=True):
+        for q_scores, q_ids in per_query:
             hits = []
             for score, item_id in zip(q_scores.tolist(), q_ids.tolist(), strict=True):
                 if item_id == NO_ID:

@@ -48,7 +48,10 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
         threshold are returned, up to ``k``); returns ``{"k", "took_ms", "hits": [{"id", "score",
         "path", "labels"[, "level"][, "extra"]}]}`` (plus ``"granularity"`` when one was asked). Hits of a
         calibrated index carry ``level``. An unknown level is a 422, a granularity asked of an
-        uncalibrated index a 400, each with a JSON ``{"detail": message}``.
+        uncalibrated index a 400, each with a JSON ``{"detail": message}``. With ``min_score`` (form
+        field or query parameter, a cosine similarity in [-1, 1]) every item scoring above it is returned
+        (a range search; ``k`` then caps the hits, default ``max_k``), and the answer says whether FAISS's
+        native range search or the k-NN fallback ran (``"range_search"``); with ``granularity`` too, a 422.
         ``GET /v1/healthz``: ``{"status": "ok", "count", "encoder_id", "query_encoder_id", "dim"}``.
     """
 
@@ -75,11 +78,17 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
         k_query: Annotated[int | None, Query(alias="k", ge=1, le=settings.max_k)] = None,
         granularity_form: Annotated[str | None, Form(alias="granularity", max_length=64)] = None,
         granularity_query: Annotated[str | None, Query(alias="granularity", max_length=64)] = None,
+        min_score_form: Annotated[float | None, Form(alias="min_score", ge=-1.0, le=1.0)] = None,
+        min_score_query: Annotated[float | None, Query(alias="min_score", ge=-1.0, le=1.0)] = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         engine: SearchEngine = request.app.state.engine
-        k = k_form or k_query or settings.default_k
         granularity = granularity_form or granularity_query
+        min_score = min_score_form if min_score_form is not None else min_score_query
+        # with min_score, k caps the hits (default: max_k); otherwise it is the number of nearest items
+        k = k_form or k_query or (settings.max_k if min_score is not None else settings.default_k)
+        if granularity is not None and min_score is not None:
+            raise HTTPException(status_code=422, detail="give either granularity or min_score, not both")
         if granularity is not None:
             try:
                 engine.index_dir.threshold(granularity)  # answer before reading and decoding the upload
@@ -95,8 +104,13 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
             query = await run_in_threadpool(decode_image_bytes, data, name)
         except CorruptImageError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
-        results = await run_in_threadpool(engine.search, [query], k, granularity)
         body: dict[str, Any] = {"k": k}
+        if min_score is None:
+            results = await run_in_threadpool(engine.search, [query], k, granularity)
+        else:
+            results, fallback = await run_in_threadpool(engine.search_above, [query], min_score, k)
+            body["min_score"] = min_score
+            body["range_search"] = "knn_fallback" if fallback else "native"
         if granularity is not None:
             body["granularity"] = granularity
         body["took_ms"] = round((time.perf_counter() - start) * 1000.0, 3)

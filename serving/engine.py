@@ -122,6 +122,23 @@ class SearchEngine(Closeable):
         embeddings = self.query_encoder.encode(images)
         return self.index_dir.search(embeddings, k, granularity=granularity)
 
+    def search_above(
+        self, images: Sequence[Image.Image], min_score: float, limit: int | None = None
+    ) -> tuple[list[SearchResults], bool]:
+        """Every gallery item scoring above ``min_score`` for each query image (range search), best first.
+
+        Returns the results and whether the index lacked a native range search (then a k-NN search with a
+        growing k, filtered at ``min_score``, was used; see ``IndexDirectory.search_above``).
+
+        Raises:
+            ValueError: ``min_score`` outside [-1, 1] or a non-positive ``limit``.
+        """
+        if not -1.0 <= float(min_score) <= 1.0:
+            raise ValueError(f"min_score is a cosine similarity in [-1, 1], got {min_score}")
+        if not images:
+            return [], False
+        return self.index_dir.search_above(self.query_encoder.encode(images), min_score, limit)
+
     def close(self) -> None:
         self.index_dir.close()
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-from retrieval.cli.common import console, print_json, user_errors
+from retrieval.cli.common import console, err_console, fail, print_json, user_errors
+
+DEFAULT_K = 10
 
 
 def search(
@@ -15,7 +17,16 @@ def search(
     query_encoder: Path | None = typer.Option(
         None, "--query-encoder", help="Checkpoint dir or .onnx file; default: the encoder that built the index."
     ),
-    k: int = typer.Option(10, "--k", min=1, help="Number of hits per query."),
+    k: int | None = typer.Option(
+        None, "--k", min=1, help="Number of hits per query (default 10; with --min-score, the most to show: all)."
+    ),
+    min_score: float | None = typer.Option(
+        None,
+        "--min-score",
+        min=-1.0,
+        max=1.0,
+        help="Return every gallery image scoring above this cosine similarity (a range search) instead of the k best.",
+    ),
     granularity: str | None = typer.Option(
         None,
         "--granularity",
@@ -24,7 +35,10 @@ def search(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
-    """Embed each query image and print its k nearest gallery images (id, score, path, labels).
+    """Embed each query image and print its k nearest gallery images (id, score, path, labels, metadata).
+
+    With --min-score, every gallery image scoring above that similarity is returned instead (FAISS range
+    search; on index types without one, a k-NN search with a growing k filtered at the threshold, and a note).
 
     On a calibrated index every hit also shows its level: the finest label level whose threshold
     its score reaches. An unreadable query image is reported and skipped; the other queries still run.
@@ -39,8 +53,20 @@ def search(
                 loaded.append((path, load_image(path)))
             except CorruptImageError as exc:
                 failures.append({"query": str(path), "error": str(exc)})
+        queries = [img for _, img in loaded]
         with SearchEngine.open(index, query_encoder) as engine:
-            results = engine.search([img for _, img in loaded], k=k, granularity=granularity)
+            if min_score is None:
+                results = engine.search(queries, k=k or DEFAULT_K, granularity=granularity)
+            elif granularity is not None:
+                raise fail("--min-score and --granularity are two ways to set a threshold: give one")
+            else:
+                results, fallback = engine.search_above(queries, min_score, limit=k)
+                if fallback:
+                    err_console.print(
+                        "[yellow]note:[/] this index type has no native range search; a k-NN search with a "
+                        "growing k, filtered at --min-score, was used (as exact as its k-NN search)",
+                        highlight=False,
+                    )
     payload = [{"query": str(p), **r.to_dict()} for (p, _), r in zip(loaded, results, strict=True)]
     if as_json:
         print_json({"results": payload, "errors": failures})

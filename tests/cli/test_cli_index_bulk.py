@@ -83,3 +83,17 @@ def test_add_then_info_describes_the_grown_index(tiny_checkpoint, path_list, tmp
 
     output = _run(["index", "add", str(tmp_path / "nowhere"), "--images", str(path_list)], code=2)
     assert "index directory not found" in output
+
+
+def test_search_with_min_score_returns_everything_above_it(tiny_checkpoint, path_list, tmp_path):
+    index = tmp_path / "index"
+    _json(["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(path_list), "--out", str(index)])
+    query = str(path_list.parent / "p03.png")
+    everything = _json(["search", "--index", str(index), query, "--k", "30"])["results"][0]["hits"]
+    threshold = (everything[4]["score"] + everything[5]["score"]) / 2  # between the 5th and 6th best
+    above = _json(["search", "--index", str(index), query, "--min-score", f"{threshold:.6f}"])["results"][0]["hits"]
+    assert [h["id"] for h in above] == [h["id"] for h in everything[:5]]
+    capped = _json(["search", "--index", str(index), query, "--min-score", f"{threshold:.6f}", "--k", "2"])
+    assert [h["id"] for h in capped["results"][0]["hits"]] == [h["id"] for h in everything[:2]]
+    both = _run(["search", "--index", str(index), query, "--min-score", "0.5", "--granularity", "fine"], code=2)
+    assert "give one" in both

@@ -331,3 +331,41 @@ def test_a_writer_killed_at_any_moment_leaves_a_loadable_index(action, tmp_path)
         assert "old" in outcomes  # a kill early in the write kept the previous index
     write_index_dir(path, index, (MetadataRow(id=i) for i in range(1000)), Manifest(dim=32, count=1000, encoder_id="e"))
     assert list(tmp_path.glob(".index.tmp-*")) == []  # the next write cleared what the killed writers left
+
+
+@pytest.mark.parametrize("factory", ["Flat", "NSG16,Flat"])  # NSG: FAISS has no range search, the fallback runs
+def test_search_above_returns_every_item_over_the_score_with_metadata(factory, tmp_path):
+    from indexing.faiss_index import FaissIndex
+    from indexing.index_dir import write_index_dir
+    from indexing.manifest import Manifest
+    from indexing.metadata import MetadataRow
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(300, dtype=np.int64) * 2 + 7
+    index = FaissIndex(16, factory, device="cpu")
+    index.train(vectors)
+    index.add(vectors, ids)
+    if factory.startswith("NSG"):
+        import faiss
+
+        faiss.downcast_index(index.faiss_index.index).nsg.search_L = 300  # exhaustive beam: exact k-NN
+    rows = (MetadataRow(id=int(i), path=f"g/{i}.png", extra={"sku": f"S{i}"}) for i in ids)
+    write_index_dir(tmp_path / "idx", index, rows, Manifest(dim=16, count=300, encoder_id="e", factory=factory))
+    queries = vectors[:5]
+    with open_index_dir(tmp_path / "idx") as directory:
+        if factory.startswith("NSG"):
+            faiss.downcast_index(directory.index.faiss_index.index).nsg.search_L = 300
+        results, fallback = directory.search_above(queries, 0.4)
+        capped, _ = directory.search_above(queries, 0.4, limit=2)
+        with pytest.raises(ValueError, match="limit must be positive"):
+            directory.search_above(queries, 0.4, limit=0)
+    assert fallback == factory.startswith("NSG")
+    similarities = queries @ vectors.T
+    for q, found in enumerate(results):
+        expected = set(ids[similarities[q] > 0.4].tolist())
+        assert set(found.ids) == expected and len(expected) > 1  # the query itself and some neighbours
+        assert found.scores == sorted(found.scores, reverse=True) and min(found.scores) > 0.4
+        assert found[0].extra == {"sku": f"S{found[0].id}"} and found[0].path == f"g/{found[0].id}.png"
+        assert capped[q].ids == found.ids[:2]

@@ -183,7 +183,7 @@ def test_create_app_loads_nothing_and_documents_the_api(tmp_path):
     app = create_app(ServeSettings(index=tmp_path / "no-index", max_k=7))
     spec = app.openapi()
     query = {p["name"]: p for p in spec["paths"]["/v1/search"]["post"]["parameters"]}
-    assert set(query) == {"k", "granularity"} and query["k"]["schema"]["anyOf"][0]["maximum"] == 7
+    assert set(query) == {"k", "granularity", "min_score"} and query["k"]["schema"]["anyOf"][0]["maximum"] == 7
     assert "/v1/healthz" in spec["paths"]
 
 
@@ -238,3 +238,19 @@ def test_search_at_a_granularity(calibrated_index, gallery):
             "unknown granularity 'tiny'" in unknown.json()["detail"]
             and "fine, middle, coarse" in unknown.json()["detail"]
         )
+
+
+def test_search_with_min_score_returns_every_hit_above_it(client, gallery):
+    files = {"image": ("q.png", _png(gallery, 2), "image/png")}
+    plain = client.post("/v1/search", files=files, data={"k": str(len(gallery))}).json()["hits"]
+    threshold = (plain[2]["score"] + plain[3]["score"]) / 2  # between the 3rd and 4th best
+    for options in ({"data": {"min_score": str(threshold)}}, {"params": {"min_score": threshold}}):
+        response = client.post("/v1/search", files=files, **options)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["min_score"] == pytest.approx(threshold) and body["range_search"] == "native"  # Flat has one
+        assert [h["id"] for h in body["hits"]] == [h["id"] for h in plain[:3]]
+    capped = client.post("/v1/search", files=files, data={"min_score": str(threshold), "k": "1"}).json()
+    assert [h["id"] for h in capped["hits"]] == [plain[0]["id"]]
+    for bad in ({"min_score": "1.5"}, {"min_score": "0.2", "granularity": "fine"}):
+        assert client.post("/v1/search", files=files, data=bad).status_code == 422
