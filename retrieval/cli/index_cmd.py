@@ -84,7 +84,9 @@ def build(
     keep_embeddings: bool = typer.Option(
         False, "--keep-embeddings", help="Keep the chunk files after a successful build (default: removed)."
     ),
-    device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
+    device: str = typer.Option(
+        "auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N."
+    ),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images while the model runs."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 autocast when extracting on CUDA."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -157,7 +159,7 @@ def merge(
 
         _check_calibration_options(calibrate, objective)
         summary = merge_shards(list(shards), out, factory, memory_budget, target_recall, encoder_path=encoder)
-        calibration = _calibrate(out, calibrate, objective, 64, "cpu", 0, as_json)
+        calibration = _calibrate(out, calibrate, objective, 64, "auto", 0, as_json)
     _print_build(summary, out, as_json, calibration)
 
 
@@ -174,7 +176,9 @@ def add(
     ),
     restart: bool = typer.Option(False, "--restart", help="Discard chunk files left by a different job."),
     keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Keep the chunk files afterwards."),
-    device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
+    device: str = typer.Option(
+        "auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N."
+    ),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 autocast when extracting on CUDA."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

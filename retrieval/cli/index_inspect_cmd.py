@@ -95,7 +95,9 @@ def calibrate(
         None, "--encoder", help="Encoder checkpoint directory; default: the one that built the index."
     ),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    device: str = typer.Option("cpu", help="Torch device for extraction (cpu, cuda)."),
+    device: str = typer.Option(
+        "auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N."
+    ),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
     as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
 ) -> None:
