@@ -1,9 +1,10 @@
-"""Batched embedding extraction over a labelled dataset, skipping and reporting unreadable images.
+"""Batched embedding extraction, in memory or into resumable chunk files, skipping unreadable images.
 
 A gallery of a million files always holds a few broken ones; extraction must finish and say
-which it left out rather than die at file 800 000. Preprocessing comes from the encoder's own
-config (``encoder.config.preprocess``), never from the caller, so gallery and query images
-are always prepared the same way.
+which it left out rather than die at file 800 000, and a run killed at file 800 000 must not
+start again at file 0 (:func:`extract_to_store` writes each finished chunk to disk).
+Preprocessing comes from the encoder's own config (``encoder.config.preprocess``), never from
+the caller, so gallery and query images are always prepared the same way.
 """
 
 from __future__ import annotations
