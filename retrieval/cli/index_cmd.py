@@ -38,6 +38,14 @@ def _objective_option() -> Any:
     return typer.Option("f1", "--objective", help="Calibration objective with --calibrate: 'f1' or 'precision>=P'.")
 
 
+def _device_option() -> Any:
+    return typer.Option("auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N.")
+
+
+def _amp_option() -> Any:
+    return typer.Option(True, "--amp/--no-amp", help="float16 autocast when extracting on CUDA.")
+
+
 def _factory_option() -> Any:
     return typer.Option("auto", help=FACTORY_HELP)
 
@@ -84,11 +92,9 @@ def build(
     keep_embeddings: bool = typer.Option(
         False, "--keep-embeddings", help="Keep the chunk files after a successful build (default: removed)."
     ),
-    device: str = typer.Option(
-        "auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N."
-    ),
+    device: str = _device_option(),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images while the model runs."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 autocast when extracting on CUDA."),
+    amp: bool = _amp_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every gallery image and write an index directory (manifest, FAISS index, SQLite metadata).
@@ -176,11 +182,9 @@ def add(
     ),
     restart: bool = typer.Option(False, "--restart", help="Discard chunk files left by a different job."),
     keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Keep the chunk files afterwards."),
-    device: str = typer.Option(
-        "auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N."
-    ),
+    device: str = _device_option(),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 autocast when extracting on CUDA."),
+    amp: bool = _amp_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed more images and append them to an index: ids continue after the largest one.
