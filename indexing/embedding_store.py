@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +29,7 @@ from pydantic import Field, ValidationError
 
 from indexing.errors import IndexFormatError
 from indexing.metadata import MetadataRow
-from retrieval.atomic import fsync_directory, write_file_atomically
+from retrieval.atomic import atomic_file, write_file_atomically
 from retrieval.config import StrictModel
 from retrieval.data.images import CorruptImageError, SkipReport
 
@@ -294,24 +292,15 @@ class EmbeddingStore:
     ) -> Path:
         """Write chunk ``chunk`` whole (temporary file, fsync, rename) and return its path."""
         target = self.chunk_file(chunk)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    positions=np.asarray(positions, dtype=np.int64),
-                    embeddings=np.asarray(embeddings, dtype=np.float32).reshape(-1, self.spec.dim),
-                    rows=np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=str),
-                    skipped_paths=np.array([p for p, _ in skipped], dtype=str),
-                    skipped_reasons=np.array([r for _, r in skipped], dtype=str),
-                )
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_directory(target.parent)
+        with atomic_file(target) as fh:
+            np.savez(
+                fh,
+                positions=np.asarray(positions, dtype=np.int64),
+                embeddings=np.asarray(embeddings, dtype=np.float32).reshape(-1, self.spec.dim),
+                rows=np.array([json.dumps(r, ensure_ascii=False) for r in rows], dtype=str),
+                skipped_paths=np.array([p for p, _ in skipped], dtype=str),
+                skipped_reasons=np.array([r for _, r in skipped], dtype=str),
+            )
         return target
 
     def read_chunk(self, chunk: int) -> Chunk:

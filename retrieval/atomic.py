@@ -1,6 +1,7 @@
-"""Crash-safe directory writes: build the new content beside the target, then swap it in.
+"""Crash-safe writes: build the new content beside the target, then swap it in.
 
-Checkpoints and index directories are written through ``atomic_directory`` so that a
+Checkpoints and index directories are written through ``atomic_directory``, single files (manifests,
+embedding chunks, feature caches) through ``atomic_file``, so that a
 crash or kill at any moment leaves either the complete previous version or the
 complete new one on disk, never a half-written mix.
 """
@@ -13,9 +14,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "atomic_directory",
+    "atomic_file",
     "fsync_directory",
     "fsync_tree",
     "remove_abandoned_temporaries",
@@ -47,17 +50,21 @@ def _current_umask() -> int:
     return mask
 
 
-def write_file_atomically(path: str | Path, data: str | bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary sibling, fsync, ``os.replace``, fsync of the folder.
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file handle whose content replaces ``path`` whole when the block ends without error.
 
-    A reader (or a crash) sees the previous file or the new one, never a torn one. The file gets the
-    permissions of a plain ``open(path, "w")`` (``mkstemp`` alone would make it 0600).
+    The handle writes to a temporary sibling (``.<name>.tmp-*``) that is fsynced, renamed over ``path`` and
+    followed by an fsync of the folder; if the block raises, the temporary file is removed and ``path`` is
+    untouched. A reader (or a crash) sees the previous file or the new one, never a torn one. Writers that
+    stream (``np.save``, ``np.savez``) can write straight into the handle. The file gets the permissions of a
+    plain ``open(path, "w")`` (``mkstemp`` alone would make it 0600).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_current_umask())
@@ -66,6 +73,12 @@ def write_file_atomically(path: str | Path, data: str | bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def write_file_atomically(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (see :func:`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
 
 
 def remove_abandoned_temporaries(target: Path) -> list[Path]:

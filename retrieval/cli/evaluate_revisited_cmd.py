@@ -19,8 +19,6 @@ of extracting, without loading the model; a file of the wrong shape is re-extrac
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,7 +247,9 @@ class _Run:
                 f"({db_info.encoder_id}); its embeddings may not share that space"
             )
         self.ids = {"query": q_info.encoder_id, "database": db_info.encoder_id}
-        gnd_fingerprint = _file_digest(self.bench.gnd_path)
+        from indexing.index_dir import file_sha256
+
+        gnd_fingerprint = file_sha256(self.bench.gnd_path)[:12]
         dim = db_info.config.embedding_dim
         queries = self._features(q_info.path, q_info.encoder_id, dim, "query", self.bench.queries, gnd_fingerprint)
         database = self._features(db_info.path, db_info.encoder_id, dim, "db", self.bench.database, gnd_fingerprint)
@@ -330,10 +330,6 @@ class _Run:
         return self.cache_dir / name
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-
-
 def _load_cached(path: Path, dim: int, rows: int | None) -> np.ndarray | None:
     """The cached array if it exists and has the expected shape; ``None`` (re-extract) otherwise."""
     import numpy as np
@@ -352,18 +348,14 @@ def _load_cached(path: Path, dim: int, rows: int | None) -> np.ndarray | None:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as ``.npy`` beside ``path`` and rename it into place (never a half-written cache)."""
+    """Write ``array`` as ``.npy`` at ``path`` through ``atomic_file`` (never a half-written cache)."""
     import numpy as np
 
+    from retrieval.atomic import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
 
 
 def _unreadable_message(name: str, side: str, skipped: list[tuple[str, str]]) -> str:
