@@ -192,7 +192,6 @@ def extract_to_store(
     with progress_bar(spec.positions(), progress, completed=spec.positions() - remaining) as advance:
         stream = embed_batches(encoder, gallery, batches, device, num_workers, amp)
         for (chunk, batch), (indices, embeddings, skipped) in zip(plan, stream, strict=True):
-            report_skipped(gallery, skipped, None)
             pending.add(indices, embeddings, skipped)
             embedded, skipped_now = embedded + len(indices), skipped_now + len(skipped)
             if batch.stop == spec.chunk_positions(chunk).stop:
@@ -211,12 +210,12 @@ class _ChunkBuffer:
     def _reset(self) -> None:
         self.positions: list[np.ndarray] = []
         self.embeddings: list[np.ndarray] = []
-        self.skipped: list[tuple[str, str]] = []
+        self.skipped = SkipReport()
 
     def add(self, indices: np.ndarray, embeddings: np.ndarray, skipped: list[tuple[int, str]]) -> None:
         self.positions.append(indices)
         self.embeddings.append(embeddings)
-        self.skipped.extend((self.gallery.names[i], reason) for i, reason in skipped)
+        report_skipped(self.gallery, skipped, self.skipped)
 
     def write(self, store: EmbeddingStore, chunk: int) -> None:
         positions = np.concatenate(self.positions)
@@ -224,7 +223,7 @@ class _ChunkBuffer:
             {"path": self.gallery.names[i], "labels": self.gallery.labels_of(i), "extra": self.gallery.extra_of(i)}
             for i in positions.tolist()
         ]
-        store.write_chunk(chunk, positions, np.concatenate(self.embeddings), rows, self.skipped)
+        store.write_chunk(chunk, positions, np.concatenate(self.embeddings), rows, self.skipped.skipped)
         self._reset()
 
 
