@@ -33,8 +33,10 @@ __all__ = [
     "ImageFolderDataset",
     "InMemoryImageDataset",
     "LabelledImageDataset",
+    "label_columns",
     "open_dataset",
     "read_csv_records",
+    "record_path",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -176,6 +178,47 @@ def read_csv_records(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[st
     return header, records
 
 
+def label_columns(
+    csv_path: Path, header: list[str], levels: Sequence[str] | None, *, required: bool = True
+) -> list[str]:
+    """The label columns of a CSV: ``levels`` (all present), else those of fine/middle/coarse in the header.
+
+    Args:
+        required: at least one label column must result (training data); a gallery may have none.
+
+    Raises:
+        DatasetError: a named level missing from the header, or no label column where one is required.
+    """
+    if levels is None:
+        found = [level for level in DEFAULT_LEVELS if level in header]
+        if required and not found:
+            raise DatasetError(
+                f"{csv_path}: no label column; expected at least one of {', '.join(DEFAULT_LEVELS)} "
+                f"(columns: {', '.join(header)}), or pass levels="
+            )
+        return found
+    missing = [level for level in levels if level not in header]
+    if missing:
+        raise DatasetError(
+            f"{csv_path}: missing label column(s) {', '.join(map(repr, missing))} (columns: {', '.join(header)})"
+        )
+    if required and not levels:
+        raise DatasetError(f"{csv_path}: levels must name at least one label column")
+    return list(levels)
+
+
+def record_path(csv_path: Path, base: Path, line: int, record: dict[str, str]) -> Path:
+    """The absolute image path of a CSV record, relative paths resolved against ``base``.
+
+    Raises:
+        DatasetError: an empty ``path`` cell (the message names the line).
+    """
+    value = (record.get("path") or "").strip()
+    if not value:
+        raise DatasetError(f"{csv_path}, line {line}: empty 'path'")
+    return Path(os.path.abspath(base / value))
+
+
 class CsvImageDataset(LabelledImageDataset):
     """Images listed in a CSV with a ``path`` column and one column per label level.
 
@@ -204,45 +247,24 @@ class CsvImageDataset(LabelledImageDataset):
         if not csv_path.is_file():
             raise DatasetError(f"label file not found: {csv_path}")
         header, records = read_csv_records(csv_path)
-        level_names = self._levels(csv_path, header, levels)
+        level_names = label_columns(csv_path, header, levels)
         if split is not None:
             records = self._filter_split(csv_path, header, records, split)
         base = Path(root) if root is not None else csv_path.parent
         paths, rows = [], []
         for line, rec in records:
-            path = (rec.get("path") or "").strip()
-            if not path:
-                raise DatasetError(f"{csv_path}, line {line}: empty 'path'")
+            path = record_path(csv_path, base, line, rec)
             values = [(rec.get(level) or "").strip() for level in level_names]
             for level, value in zip(level_names, values, strict=True):
                 if not value:
-                    raise DatasetError(f"{csv_path}, line {line}: empty {level!r} label for {path}")
-            paths.append(Path(os.path.abspath(base / path)))
+                    raise DatasetError(f"{csv_path}, line {line}: empty {level!r} label for {rec['path'].strip()}")
+            paths.append(path)
             rows.append(values)
         schema = LabelSchema(tuple(level_names))
         vocab, labels = _encode_rows(schema, rows)
         super().__init__(schema, vocab, labels, [str(p) for p in paths], transform)
         self.csv_path = csv_path
         self.paths = paths
-
-    @staticmethod
-    def _levels(csv_path: Path, header: list[str], levels: Sequence[str] | None) -> list[str]:
-        if levels is None:
-            found = [level for level in DEFAULT_LEVELS if level in header]
-            if not found:
-                raise DatasetError(
-                    f"{csv_path}: no label column; expected at least one of {', '.join(DEFAULT_LEVELS)} "
-                    f"(columns: {', '.join(header)}), or pass levels="
-                )
-            return found
-        missing = [level for level in levels if level not in header]
-        if missing:
-            raise DatasetError(
-                f"{csv_path}: missing label column(s) {', '.join(map(repr, missing))} (columns: {', '.join(header)})"
-            )
-        if not levels:
-            raise DatasetError(f"{csv_path}: levels must name at least one label column")
-        return list(levels)
 
     @staticmethod
     def _filter_split(

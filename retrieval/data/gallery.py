@@ -22,10 +22,11 @@ from retrieval.data.datasets import (
     DatasetError,
     ImageFolderDataset,
     LabelledImageDataset,
+    label_columns,
     read_csv_records,
+    record_path,
 )
 from retrieval.data.images import load_image
-from retrieval.data.labels import DEFAULT_LEVELS
 
 __all__ = ["Gallery", "as_gallery", "open_gallery"]
 
@@ -148,20 +149,11 @@ def open_gallery(spec: str | Path, levels: Sequence[str] | None = None) -> Galle
 
 def _csv_gallery(csv_path: Path, levels: Sequence[str] | None) -> Gallery:
     header, records = read_csv_records(csv_path)
-    if levels is None:
-        level_names = [level for level in DEFAULT_LEVELS if level in header]
-    else:
-        missing = [level for level in levels if level not in header]
-        if missing:
-            raise DatasetError(f"{csv_path}: missing label column(s) {', '.join(map(repr, missing))}")
-        level_names = list(levels)
+    level_names = label_columns(csv_path, header, levels, required=False)
     extra_columns = [column for column in header if column != "path" and column not in level_names]
     names, labels, extras = [], [], []
     for line, record in records:
-        value = (record.get("path") or "").strip()
-        if not value:
-            raise DatasetError(f"{csv_path}, line {line}: empty 'path'")
-        names.append(os.path.abspath(csv_path.parent / value))
+        names.append(str(record_path(csv_path, csv_path.parent, line, record)))
         labels.append({level: cell for level in level_names if (cell := (record.get(level) or "").strip())})
         extras.append({column: (record.get(column) or "").strip() for column in extra_columns})
     return Gallery(str(csv_path), names, level_names, labels, extras if extra_columns else None)
