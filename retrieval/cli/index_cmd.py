@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from retrieval.cli.common import console, fail, print_json, user_errors
+from retrieval.cli.index_inspect_cmd import print_calibration
 
 GALLERY_HELP = (
     "Gallery: an image folder (class = first sub-folder), a CSV ('path' column, optional fine/middle/coarse "
@@ -346,8 +347,7 @@ def _print_build(summary: Any, out: Path, as_json: bool, calibration: Any = None
         )
     _print_skipped(len(summary.skipped), out)
     if calibration is not None:
-        console.print(f"calibrated on {calibration.images} validation images (leave-one-out pairs)", highlight=False)
-        console.print(calibration.calibration.format_table(), highlight=False)
+        print_calibration(calibration, out)
 
 
 def _print_skipped(count: int, index: Path) -> None:

@@ -134,6 +134,11 @@ def calibrate(
             }
         )
         return
+    print_calibration(result, index)
+
+
+def print_calibration(result: Any, index: Path) -> None:
+    """The calibration summary a person reads: images used, the per-level table, skipped images."""
     console.print(f"calibrated {index} on {result.images} validation images (leave-one-out pairs)", highlight=False)
     console.print(result.calibration.format_table(), highlight=False)
     if len(result.skipped):
