@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 
 from retrieval.data.datasets import LabelledImageDataset
 from retrieval.data.sampler import AspectRatioBatchSampler, PKBatchSampler
-from retrieval.data.transforms import AugmentConfig, PreprocessConfig
+from retrieval.data.transforms import AugmentConfig, PreprocessConfig, augment_steps, normalise_steps
 
 __all__ = ["AspectTrainTransform", "JointlyResizedSamples", "SeededSamples", "step_batches"]
 
@@ -113,20 +113,8 @@ class AspectTrainTransform:
 
     def _build(self, size: tuple[int, int]) -> v2.Compose:
         aug, ratio = self.augment, size[1] / size[0]
-        steps: list[v2.Transform] = [
-            v2.RandomResizedCrop(
-                size, scale=(aug.scale_min, 1.0), ratio=(ratio * aug.ratio[0], ratio * aug.ratio[1]), antialias=True
-            )
-        ]
-        if aug.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if any((aug.brightness, aug.contrast, aug.saturation, aug.hue)):
-            steps.append(
-                v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue)
-            )
-        pre = self.preprocess
-        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
-        return v2.Compose(steps)
+        geometry = augment_steps(aug, size, ratio=(ratio * aug.ratio[0], ratio * aug.ratio[1]))
+        return v2.Compose([*geometry, *normalise_steps(self.preprocess)])
 
 
 class JointlyResizedSamples(Dataset):

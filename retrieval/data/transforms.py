@@ -23,7 +23,9 @@ __all__ = [
     "IMAGENET_STD",
     "AugmentConfig",
     "PreprocessConfig",
+    "augment_steps",
     "build_transforms",
+    "normalise_steps",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -98,9 +100,18 @@ def _resize_steps(pre: PreprocessConfig) -> list[v2.Transform]:
     return [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
 
 
-def _augment_steps(pre: PreprocessConfig, aug: AugmentConfig) -> list[v2.Transform]:
+def augment_steps(
+    aug: AugmentConfig, size: int | tuple[int, int], ratio: tuple[float, float] | None = None
+) -> list[v2.Transform]:
+    """The random geometry and colour of training: a resized crop to ``size``, flip, colour jitter.
+
+    Args:
+        aug: augmentation strength.
+        size: output side (square) or ``(height, width)``.
+        ratio: crop-box aspect-ratio range; default ``aug.ratio`` (around a square).
+    """
     steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(pre.input_size, scale=(aug.scale_min, 1.0), ratio=aug.ratio, antialias=True)
+        v2.RandomResizedCrop(size, scale=(aug.scale_min, 1.0), ratio=ratio or aug.ratio, antialias=True)
     ]
     if aug.hflip:
         steps.append(v2.RandomHorizontalFlip())
@@ -109,6 +120,11 @@ def _augment_steps(pre: PreprocessConfig, aug: AugmentConfig) -> list[v2.Transfo
             v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue)
         )
     return steps
+
+
+def normalise_steps(pre: PreprocessConfig) -> list[v2.Transform]:
+    """PIL image -> float32 tensor in [0, 1] -> normalised with the encoder's mean and std."""
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]
 
 
 def build_transforms(pre: PreprocessConfig, train: bool, augment: AugmentConfig | None = None) -> ImageTransform:
@@ -124,13 +140,5 @@ def build_transforms(pre: PreprocessConfig, train: bool, augment: AugmentConfig 
     Returns:
         A picklable callable (safe for DataLoader workers).
     """
-    geometry = _augment_steps(pre, augment or AugmentConfig()) if train else _resize_steps(pre)
-    return v2.Compose(
-        [
-            _ToRGB(),
-            *geometry,
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(pre.mean), std=list(pre.std)),
-        ]
-    )
+    geometry = augment_steps(augment or AugmentConfig(), pre.input_size) if train else _resize_steps(pre)
+    return v2.Compose([_ToRGB(), *geometry, *normalise_steps(pre)])
