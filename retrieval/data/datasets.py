@@ -30,6 +30,7 @@ __all__ = [
     "UNLABELLED",
     "CsvImageDataset",
     "DatasetError",
+    "FileImageDataset",
     "ImageFolderDataset",
     "InMemoryImageDataset",
     "LabelledImageDataset",
@@ -144,6 +145,31 @@ class LabelledImageDataset(Dataset):
         return f"{type(self).__name__}(items={len(self)}, classes: {counts})"
 
 
+class FileImageDataset(LabelledImageDataset):
+    """A dataset whose items are image files: ``paths[row]`` is decoded when the item is read.
+
+    The CSV, folder, DyML, landmark and Revisited datasets differ only in how they find their files and
+    labels; reading a file (and naming it in errors) is this one piece.
+
+    Attributes:
+        paths: one file per underlying row (``names`` holds the same paths as text and follows views).
+    """
+
+    def __init__(
+        self,
+        schema: LabelSchema,
+        vocab: LabelVocabulary,
+        labels: np.ndarray,
+        paths: Sequence[str | Path],
+        transform: Transform | None = None,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        super().__init__(schema, vocab, labels, [str(p) for p in self.paths], transform)
+
+    def _load_row(self, row: int) -> Image.Image:
+        return _load_image_file(self.paths[row])
+
+
 def _encode_rows(schema: LabelSchema, rows: Sequence[Sequence[str]]) -> tuple[LabelVocabulary, np.ndarray]:
     vocab = LabelVocabulary(schema)
     labels = np.array([vocab.encode(row) for row in rows], dtype=np.int64).reshape(len(rows), schema.num_levels)
@@ -219,7 +245,7 @@ def record_path(csv_path: Path, base: Path, line: int, record: dict[str, str]) -
     return Path(os.path.abspath(base / value))
 
 
-class CsvImageDataset(LabelledImageDataset):
+class CsvImageDataset(FileImageDataset):
     """Images listed in a CSV with a ``path`` column and one column per label level.
 
     Args:
@@ -262,9 +288,8 @@ class CsvImageDataset(LabelledImageDataset):
             rows.append(values)
         schema = LabelSchema(tuple(level_names))
         vocab, labels = _encode_rows(schema, rows)
-        super().__init__(schema, vocab, labels, [str(p) for p in paths], transform)
+        super().__init__(schema, vocab, labels, paths, transform)
         self.csv_path = csv_path
-        self.paths = paths
 
     @staticmethod
     def _filter_split(
@@ -278,11 +303,8 @@ class CsvImageDataset(LabelledImageDataset):
             raise DatasetError(f"{csv_path}: no rows with split={split!r} (splits present: {', '.join(present)})")
         return kept
 
-    def _load_row(self, row: int) -> Image.Image:
-        return _load_image_file(self.paths[row])
 
-
-class ImageFolderDataset(LabelledImageDataset):
+class ImageFolderDataset(FileImageDataset):
     """A folder of class folders (``root/<class>/**/<image>``): one label level, the sub-folder name.
 
     Images lying directly in ``root`` get the class ``"unlabelled"``, so a plain gallery folder without
@@ -316,12 +338,8 @@ class ImageFolderDataset(LabelledImageDataset):
         schema = LabelSchema((level,))
         vocab, labels = _encode_rows(schema, rows)
         paths = [Path(os.path.abspath(p)) for p in files]
-        super().__init__(schema, vocab, labels, [str(p) for p in paths], transform)
+        super().__init__(schema, vocab, labels, paths, transform)
         self.root = root
-        self.paths = paths
-
-    def _load_row(self, row: int) -> Image.Image:
-        return _load_image_file(self.paths[row])
 
 
 class InMemoryImageDataset(LabelledImageDataset):

@@ -35,10 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
-from retrieval.data.datasets import DatasetError, LabelledImageDataset, Transform, _encode_rows
-from retrieval.data.images import load_image as _load_image_file
+from retrieval.data.datasets import DatasetError, FileImageDataset, LabelledImageDataset, Transform, _encode_rows
 from retrieval.data.labels import LabelSchema
 
 __all__ = [
@@ -168,7 +165,7 @@ def read_dyml_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
     return rows
 
 
-class DymlImageDataset(LabelledImageDataset):
+class DymlImageDataset(FileImageDataset):
     """Images listed in one DyML label file, at ``image_dir/<fname>``, labelled with the file's own ids.
 
     Args:
@@ -200,13 +197,9 @@ class DymlImageDataset(LabelledImageDataset):
         schema = LabelSchema(tuple(levels))
         vocab, labels = _encode_rows(schema, [[row[c] for c in columns] for row in rows])
         paths = [Path(os.path.abspath(image_dir / row["fname"])) for row in rows]
-        super().__init__(schema, vocab, labels, [str(p) for p in paths], transform)
+        super().__init__(schema, vocab, labels, paths, transform)
         self.csv_path = csv_path
         self.image_dir = image_dir
-        self.paths = paths
-
-    def _load_row(self, row: int) -> Image.Image:
-        return _load_image_file(self.paths[row])
 
 
 @dataclass(frozen=True)

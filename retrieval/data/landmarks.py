@@ -20,10 +20,7 @@ import csv
 import os
 from pathlib import Path
 
-from PIL import Image
-
-from retrieval.data.datasets import DatasetError, LabelledImageDataset, Transform, _encode_rows
-from retrieval.data.images import load_image as _load_image_file
+from retrieval.data.datasets import DatasetError, FileImageDataset, Transform, _encode_rows
 from retrieval.data.labels import LabelSchema
 
 __all__ = ["LANDMARK_LEVEL", "LandmarksDataset", "gldv2_image_path", "open_landmarks_csv"]
@@ -43,7 +40,7 @@ def gldv2_image_path(images_root: str | Path, image_id: str) -> Path:
     return Path(images_root) / image_id[0] / image_id[1] / image_id[2] / f"{image_id}{_GLDV2_EXTENSION}"
 
 
-class LandmarksDataset(LabelledImageDataset):
+class LandmarksDataset(FileImageDataset):
     """Images of landmarks with one label level (``fine`` = landmark id), read from a GLDv2-style CSV.
 
     Build it with :func:`open_landmarks_csv`. ``names`` are the images' absolute file paths, which is
@@ -62,10 +59,6 @@ class LandmarksDataset(LabelledImageDataset):
         super().__init__(schema, vocab, labels, files, transform)
         self.csv_path = csv_path
         self.layout = layout
-        self._files = files  # by underlying row; ``names`` follows subsets and views
-
-    def _load_row(self, row: int) -> Image.Image:
-        return _load_image_file(self._files[row])
 
 
 def open_landmarks_csv(

@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retrieval.data.datasets import DatasetError, LabelledImageDataset, Transform
+from retrieval.data.datasets import DatasetError, FileImageDataset, Transform
 from retrieval.data.images import CorruptImageError
-from retrieval.data.images import load_image as _load_image_file
 from retrieval.data.labels import LabelSchema, LabelVocabulary
 
 __all__ = [
@@ -67,7 +66,7 @@ class QueryGroundTruth:
     junk: np.ndarray
 
 
-class RevisitedImageDataset(LabelledImageDataset):
+class RevisitedImageDataset(FileImageDataset):
     """Images ``jpg/<name>.jpg`` of one side (queries or database), optionally cropped to a box each.
 
     Every item has the label 0 of a single dummy level: relevance in this benchmark comes from
@@ -94,12 +93,11 @@ class RevisitedImageDataset(LabelledImageDataset):
         labels = np.zeros((len(paths), 1), dtype=np.int64)
         if boxes is not None and np.shape(boxes) != (len(paths), 4):
             raise DatasetError(f"boxes must have shape ({len(paths)}, 4), got {np.shape(boxes)}")
-        self.paths = [Path(p) for p in paths]
         self.boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64)
-        super().__init__(schema, vocab, labels, [str(p) for p in self.paths], transform)
+        super().__init__(schema, vocab, labels, paths, transform)
 
     def _load_row(self, row: int) -> Image.Image:
-        image = _load_image_file(self.paths[row])
+        image = super()._load_row(row)
         if self.boxes is None:
             return image
         box = crop_box(self.boxes[row], image.size)
