@@ -92,8 +92,8 @@ def add_to_index(
     index_path = Path(index_path)
     gallery = as_gallery(dataset)
     options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart)
-    with open_index_dir(index_path) as current:
-        manifest = current.manifest
+    with open_index_dir(index_path) as current:  # the whole directory, checksum included, is checked before
+        manifest = current.manifest  # the long extraction; append_to_index_dir opens it again to write
     unknown = [level for level in gallery.levels if level not in manifest.levels]
     if unknown:
         index_levels = ", ".join(manifest.levels) or "none (an unlabelled index)"
