@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -20,7 +20,7 @@ from models import attention as _attention  # noqa: F401  (registers the attenti
 from models import glam as _glam  # noqa: F401  (registers the GLAM attention)
 from models import pooling as _pooling  # noqa: F401  (registers the pooling modules)
 from models.backbones import create_backbone
-from models.heads import EmbeddingHead
+from models.heads import ConvProjectionHead, EmbeddingHead
 from models.registries import ATTENTION, POOLING
 from retrieval.config import StrictModel
 from retrieval.data.labels import DEFAULT_LEVELS
@@ -30,7 +30,13 @@ __all__ = ["Encoder", "EncoderConfig", "eval_mode"]
 
 
 class EncoderConfig(StrictModel):
-    """Architecture and preprocessing of an encoder; stored in its checkpoint."""
+    """Architecture and preprocessing of an encoder; stored in its checkpoint.
+
+    ``projection`` places the projection to ``embedding_dim``: ``after_pooling`` (a linear layer on the
+    pooled vector, the default) or ``before_pooling`` (a 1x1 convolution on the feature map, then pooling,
+    the AML student's layout). ``teacher_id`` is set on a distilled student: the id of the encoder whose
+    space it embeds into.
+    """
 
     backbone: str = "resnet18"
     pretrained: bool = False
@@ -39,6 +45,7 @@ class EncoderConfig(StrictModel):
     pooling: str = "gem"
     pooling_params: dict[str, Any] = Field(default_factory=lambda: {"p": 3.0})
     embedding_dim: int = Field(default=128, gt=0)
+    projection: Literal["after_pooling", "before_pooling"] = "after_pooling"
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     levels: list[str] = Field(default_factory=lambda: list(DEFAULT_LEVELS))
     provenance: dict[str, Any] = Field(default_factory=dict)
@@ -60,7 +67,11 @@ class Encoder(nn.Module):
         channels = int(self.backbone.num_features)
         self.attention = ATTENTION.get(config.attention)(channels, **config.attention_params)
         self.pooling = POOLING.get(config.pooling)(**config.pooling_params)
-        self.head = EmbeddingHead(channels, config.embedding_dim)
+        self.head: nn.Module
+        if config.projection == "before_pooling":
+            self.head = ConvProjectionHead(channels, config.embedding_dim)
+        else:
+            self.head = EmbeddingHead(channels, config.embedding_dim)
         self.encoder_id: str | None = None  # set when loaded from or saved to a checkpoint
 
     @property
@@ -78,6 +89,9 @@ class Encoder(nn.Module):
         return self.attention(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.head, ConvProjectionHead):
+            pooled = self.pooling(self.head(self.feature_map(images)))
+            return self.head.normalise(pooled.float())
         pooled = self.pooling(self.feature_map(images))
         return self.head(pooled.float())
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EmbeddingHead"]
+__all__ = ["ConvProjectionHead", "EmbeddingHead"]
 
 
 class EmbeddingHead(nn.Module):
@@ -22,3 +22,23 @@ class EmbeddingHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(x), p=2.0, dim=-1, eps=1e-12)
+
+
+class ConvProjectionHead(nn.Module):
+    """A 1x1 convolution to the embedding dimension, applied to the feature map *before* pooling.
+
+    The AML student (Budnik & Avrithis) projects EfficientNet's feature map to the teacher's dimension with a
+    1x1 convolution and then pools it with GeM, so pooling acts on the teacher-sized channels it is trained
+    to match; :meth:`normalise` finishes the pooled vector.
+    """
+
+    def __init__(self, in_channels: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embedding_dim, kernel_size=1)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.proj(feature_map)
+
+    @staticmethod
+    def normalise(pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(pooled, p=2.0, dim=-1, eps=1e-12)

@@ -33,7 +33,7 @@ from retrieval.data.datasets import LabelledImageDataset
 from retrieval.data.sampler import AspectRatioBatchSampler, PKBatchSampler
 from retrieval.data.transforms import AugmentConfig, PreprocessConfig, augment_steps, normalise_steps
 
-__all__ = ["AspectTrainTransform", "JointlyResizedSamples", "SeededSamples", "step_batches"]
+__all__ = ["AspectTrainTransform", "JointlyResizedSamples", "SeededSamples", "WithIndex", "step_batches"]
 
 #: ``batch indices -> (height, width)`` of the batch's joint input size.
 ShapeOf = Callable[[list[int]], tuple[int, int]]
@@ -137,3 +137,21 @@ class JointlyResizedSamples(Dataset):
             torch.manual_seed(seed)
             image = self.transform(self.dataset.load_image(index), (height, width))
         return image, torch.from_numpy(self.dataset.labels[index].copy())
+
+
+class WithIndex(Dataset):
+    """Dataset view over a keyed view (:class:`SeededSamples`, :class:`JointlyResizedSamples`) that appends the
+    item's dataset position to what it returns: ``(image, labels, index)``.
+
+    Objectives that look a batch up in a per-image table (the teacher's cached embeddings in distillation)
+    need the positions; appending them draws nothing from any RNG, so the batches are otherwise unchanged.
+    """
+
+    def __init__(self, samples: Dataset) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[Any, ...]:
+        return (*self.samples[key], int(key[0]))

@@ -4,7 +4,8 @@ A checkpoint is a directory written atomically (``retrieval.atomic.atomic_direct
 
     checkpoints/last/
         encoder/            an ordinary encoder checkpoint (``models.load_encoder`` opens it)
-        train_state.pt      optimiser, scheduler, loss parameters, grad scaler, step, RNG states
+        <name>/             one more per extra trained encoder of the objective (a cohort's members)
+        train_state.pt      optimiser, scheduler, objective state (loss parameters...), grad scaler, step, RNGs
 
 ``train_state.pt`` holds only tensors, numbers, strings and plain containers, and it is read with
 ``torch.load(weights_only=True)``: opening a checkpoint never unpickles arbitrary objects.
@@ -68,15 +69,23 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(path: str | Path, encoder: Encoder, train_state: dict[str, Any]) -> None:
-    """Write ``encoder`` and ``train_state`` to the checkpoint directory ``path``, replacing it atomically."""
+def save_training_checkpoint(
+    path: str | Path, encoders: Encoder | dict[str, Encoder], train_state: dict[str, Any]
+) -> None:
+    """Write the encoders (one sub-directory each) and ``train_state`` to ``path``, replacing it atomically."""
+    named = _named(encoders)
     with atomic_directory(path) as tmp:
-        save_encoder(encoder, tmp / ENCODER_DIR)
+        for name, encoder in named.items():
+            save_encoder(encoder, tmp / name)
         torch.save({"format_version": TRAIN_STATE_VERSION, **train_state}, tmp / TRAIN_STATE_FILE)
 
 
-def load_training_checkpoint(path: str | Path, encoder: Encoder) -> dict[str, Any]:
-    """Load the weights at ``path`` into ``encoder`` (in place) and return the train state.
+def _named(encoders: Encoder | dict[str, Encoder]) -> dict[str, Encoder]:
+    return encoders if isinstance(encoders, dict) else {ENCODER_DIR: encoders}
+
+
+def load_training_checkpoint(path: str | Path, encoders: Encoder | dict[str, Encoder]) -> dict[str, Any]:
+    """Load the weights at ``path`` into the encoders (in place, by name) and return the train state.
 
     Raises:
         CheckpointError: missing or unreadable files, an unknown format version, or weights that do not
@@ -86,21 +95,23 @@ def load_training_checkpoint(path: str | Path, encoder: Encoder) -> dict[str, An
 
     path = Path(path)
     state_file = path / TRAIN_STATE_FILE
-    info = read_checkpoint_info(path / ENCODER_DIR)
+    named = _named(encoders)
+    infos = {name: read_checkpoint_info(path / name) for name in named}
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a training checkpoint: {TRAIN_STATE_FILE} is missing")
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-        weights = load_file(str(info.path / WEIGHTS_FILE))
+        weights = {name: load_file(str(info.path / WEIGHTS_FILE)) for name, info in infos.items()}
     except Exception as exc:  # unpickling and safetensors raise many types for a damaged file
         raise CheckpointError(f"cannot read training checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format_version") != TRAIN_STATE_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{state_file} has format version {found}; this version reads {TRAIN_STATE_VERSION}")
-    try:
-        encoder.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"the checkpoint in {path} does not fit the configured model (did `model` change?): {exc}"
-        ) from exc
+    for name, encoder in named.items():
+        try:
+            encoder.load_state_dict(weights[name], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"the checkpoint in {path / name} does not fit the configured model (did `model` change?): {exc}"
+            ) from exc
     return state

@@ -19,6 +19,8 @@ from retrieval.data.transforms import AugmentConfig
 
 __all__ = [
     "DataConfig",
+    "DistillConfig",
+    "DistillSection",
     "LossConfig",
     "OptimConfig",
     "SamplerConfig",
@@ -173,6 +175,9 @@ class TrainConfig(StrictModel):
 
     Attributes:
         name: recipe name, recorded in the encoder's provenance.
+        objective: what is trained and how a batch becomes a loss (``training.objectives.OBJECTIVES``):
+            ``metric`` (one encoder, ``loss`` from the registry) or ``distillation`` (a student distilled from
+            a frozen teacher; ``retrieval distill`` and ``training.distill_config.DistillConfig``).
         eval_every: evaluate on the validation set every N steps (0: only at the end).
         checkpoint_every: write ``checkpoints/last`` every N steps (0: only at the end).
         log_every: write a metrics line every N steps.
@@ -191,6 +196,7 @@ class TrainConfig(StrictModel):
     """
 
     name: str = "custom"
+    objective: str = "metric"
     data: DataConfig = Field(default_factory=DataConfig)
     model: EncoderConfig = Field(default_factory=EncoderConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -211,3 +217,40 @@ class TrainConfig(StrictModel):
     eval_batch_size: int = Field(128, ge=1)
     backbone_weights: Path | None = None
     out_dir: Path = Path("runs/train")
+
+
+class DistillSection(StrictModel):
+    """What distillation needs beyond a training run (``retrieval distill``; Asymmetric Metric Learning).
+
+    Attributes:
+        teacher: the frozen teacher's encoder checkpoint directory (the encoder that builds the gallery index).
+        num_negatives: hard negatives mined per query in the teacher's space (``k``, 5 in the paper), for the
+            losses that use tuples (``aml_contrastive``, ``aml_contrastive_plus``, ``aml_triplet``,
+            ``aml_multisimilarity``).
+        pool_size: training images ranked per epoch when mining; ``null`` ranks all of them.
+        cache_dir: where the teacher's embeddings of the training images are cached (keyed by teacher id and
+            data fingerprint); default ``<out_dir>/teacher-cache``.
+        teacher_embeddings: an existing cache entry to use (refused when another teacher or other data made it).
+        teacher_batch_size: images per teacher forward pass when the cache is built.
+    """
+
+    teacher: Path | None = None
+    num_negatives: int = Field(5, ge=1)
+    pool_size: int | None = Field(20000, ge=1)
+    cache_dir: Path | None = None
+    teacher_embeddings: Path | None = None
+    teacher_batch_size: int = Field(64, ge=1)
+
+
+class DistillConfig(TrainConfig):
+    """A distillation run: a student (``model``) trained into a frozen teacher's space with a distillation
+    loss (``loss``), in the same loop, with the same sections, as any training run.
+
+    The student's ``embedding_dim`` is the teacher's (set from the teacher; a recipe that sets another value is
+    refused), its ``teacher_id`` is the teacher's id, and its input size is its own (``model.preprocess``).
+    """
+
+    objective: str = "distillation"
+    distill: DistillSection = Field(default_factory=DistillSection)
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(name="aml_regression"))
+    out_dir: Path = Path("runs/distill")

@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 if TYPE_CHECKING:
     from training.config import OptimConfig, ScheduleConfig
 
-__all__ = ["WarmupCosine", "build_optimizer", "build_scheduler", "param_groups", "warmup_cosine"]
+__all__ = ["WarmupCosine", "adamw", "build_optimizer", "build_scheduler", "param_groups", "warmup_cosine"]
 
 
 def param_groups(encoder: nn.Module, loss: nn.Module | None, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -60,7 +60,12 @@ def _gem_exponents(encoder: nn.Module) -> set[int]:
 
 def build_optimizer(encoder: nn.Module, loss: nn.Module | None, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` (decoupled weight decay, per-group learning rates)."""
-    return torch.optim.AdamW(param_groups(encoder, loss, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return adamw(param_groups(encoder, loss, cfg), cfg)
+
+
+def adamw(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ready-made parameter groups (a training objective's ``param_groups``)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, final_ratio: float = 0.0) -> float:

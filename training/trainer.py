@@ -1,4 +1,8 @@
-"""The training loop: P x K batches -> encoder -> loss -> AdamW, with evaluation, checkpoints and resume.
+"""The training loop: batches -> a training objective's loss -> AdamW, with evaluation, checkpoints and resume.
+
+What is trained and how a batch becomes a loss is the objective's business (``training.objectives``: one
+encoder with a metric loss, a student distilled from a frozen teacher, ...); ``config.objective`` names it.
+Everything else, the same for every objective, lives here.
 
 ``sampler.kind: aspect`` swaps the P x K batches for aspect-ratio groups resized jointly to one non-square
 size per batch (``training.batches``); the rest of the loop is the same.
@@ -34,20 +38,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from models.checkpoint import save_encoder
 from models.devices import resolve_device
-from models.encoder import Encoder, eval_mode
+from models.encoder import Encoder
 from retrieval.config import ConfigError, save_config
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
-from retrieval.data.labels import class_parents
 from retrieval.data.sampler import AspectRatioBatchSampler, HierarchicalPKSampler, PKBatchSampler, read_image_sizes
 from retrieval.data.transforms import build_transforms
-from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
-from training.batches import AspectTrainTransform, JointlyResizedSamples, SeededSamples, step_batches
+from training.batches import AspectTrainTransform, JointlyResizedSamples, SeededSamples, WithIndex, step_batches
 from training.checkpoints import (
     TRAIN_STATE_FILE,
     capture_rng_state,
@@ -56,9 +57,10 @@ from training.checkpoints import (
     save_training_checkpoint,
 )
 from training.config import TrainConfig
-from training.losses import create_loss, needs_hierarchy
+from training.embedding import embed_dataset
 from training.metrics_log import MetricsLog
-from training.optim import build_optimizer, build_scheduler
+from training.objectives.base import Batch, TrainingObjective, create_objective
+from training.optim import adamw, build_scheduler
 from training.progress import TrainProgress
 
 __all__ = ["TrainResult", "Trainer", "train"]
@@ -66,7 +68,7 @@ __all__ = ["TrainResult", "Trainer", "train"]
 logger = logging.getLogger(__name__)
 
 # Sections whose change between a checkpoint and a resumed run changes what is trained.
-_RESUME_SENSITIVE = ("data", "model", "augment", "loss", "sampler", "optim", "seed")
+_RESUME_SENSITIVE = ("objective", "data", "model", "augment", "loss", "sampler", "optim", "seed", "distill")
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,12 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains an encoder (and its loss's proxies) on a labelled dataset.
+    """Runs a training objective (an encoder and its loss's proxies, a student and its teacher...) on a
+    labelled dataset.
 
-    Building a ``Trainer`` seeds every RNG from ``config.seed`` and creates the encoder, loss, optimiser
-    and schedule, so configuration mistakes surface before any data is loaded.
+    Building a ``Trainer`` seeds every RNG from ``config.seed`` and creates the objective (``config.objective``
+    from ``training.objectives.OBJECTIVES``, unless one is given), optimiser and schedule, so configuration
+    mistakes surface before any data is loaded.
 
     Args:
         config: the run's config.
@@ -127,6 +131,8 @@ class Trainer:
         val_dataset: optional validation images (same levels), evaluated leave-one-out per level.
         out_dir: run directory; defaults to ``config.out_dir``.
         progress: draw a progress bar on stderr.
+        objective: an objective built by the caller (after seeding, for the same determinism); by default the
+            one ``config.objective`` names, built here.
 
     Raises:
         ValueError: datasets that do not fit the config (levels, too few classes for P, unknown loss...).
@@ -140,6 +146,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         *,
         progress: bool = True,
+        objective: TrainingObjective | None = None,
     ) -> None:
         _check_datasets(train_dataset, val_dataset)
         out_dir = Path(out_dir) if out_dir is not None else config.out_dir
@@ -155,19 +162,21 @@ class Trainer:
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         _seed_everything(config.seed)
-        self.encoder = Encoder(self.config.model, backbone_weights=config.backbone_weights).to(self.device)
-        self.loss_fn = self._build_loss().to(self.device)
-        self.optimizer = build_optimizer(self.encoder, self.loss_fn, config.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.use_amp = config.amp and self.device.type == "cuda"
         self.amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
+        if objective is None:
+            objective = create_objective(self.config, train_dataset)
+        self.objective = objective.to(self.device)
+        self.objective.set_autocast(self._autocast)
+        self.optimizer = adamw(self.objective.param_groups(config.optim), config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.sampler = _build_sampler(config, train_dataset)
+        preprocess = self.encoder.config.preprocess  # the trained encoder's own input size (a student's differs)
         if isinstance(self.sampler, AspectRatioBatchSampler):  # the size is chosen per batch
-            self.train_transform = AspectTrainTransform(self.config.model.preprocess, config.augment)
+            self.train_transform = AspectTrainTransform(preprocess, config.augment)
         else:
-            self.train_transform = build_transforms(self.config.model.preprocess, train=True, augment=config.augment)
-        self.eval_transform = build_transforms(self.config.model.preprocess, train=False)
+            self.train_transform = build_transforms(preprocess, train=True, augment=config.augment)
         self.step = 0
         self.images_seen = 0
 
@@ -175,23 +184,10 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoints" / "last"
 
-    def _build_loss(self) -> torch.nn.Module:
-        schema, vocab = self.train_dataset.schema, self.train_dataset.vocab
-        params = dict(self.config.loss.params)
-        if "hierarchy" in params:
-            raise ConfigError("loss.params.hierarchy is not a setting: the class tree is read from the training labels")
-        if params.get("levels") is not None:  # level names from a recipe -> label columns
-            params["levels"] = [schema.index(v) if isinstance(v, str) else v for v in params["levels"]]
-        num_classes = [vocab.num_classes(k) for k in range(schema.num_levels)]
-        hierarchy = None
-        if needs_hierarchy(self.config.loss.name):  # the class tree, read once from the training labels
-            try:
-                hierarchy = class_parents(self.train_dataset.labels, num_classes[0])
-            except ValueError as exc:
-                raise DatasetError(f"loss {self.config.loss.name!r} needs nested labels: {exc}") from None
-        return create_loss(
-            self.config.loss.name, num_classes, self.config.model.embedding_dim, hierarchy=hierarchy, **params
-        )
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder the run produces (the objective's output encoder)."""
+        return self.objective.output_encoder()
 
     # ------------------------------------------------------------------ public API
 
@@ -211,7 +207,7 @@ class Trainer:
         if not resumed and self.step > 0:
             raise RuntimeError("this Trainer has already trained; build a new Trainer to start the run over")
         if resumed:
-            self._restore(load_training_checkpoint(self.checkpoint_dir, self.encoder))
+            self._restore(load_training_checkpoint(self.checkpoint_dir, self.objective.checkpoint_encoders()))
             logger.info("resumed %s at step %d", self.checkpoint_dir, self.step)
         elif self.checkpoint_dir.exists():
             logger.warning("starting over; the checkpoint in %s will be replaced", self.checkpoint_dir)
@@ -243,31 +239,25 @@ class Trainer:
             encoder_id=encoder_id,
         )
 
-    @torch.no_grad()
-    def embed(self, dataset: LabelledImageDataset) -> np.ndarray:
-        """Embed ``dataset`` with the evaluation transform: float32 ``(N, D)``, L2-normalised."""
-        view = dataset.with_transform(self.eval_transform)
-        loader = DataLoader(
-            view,
+    def embed(self, dataset: LabelledImageDataset, encoder: Encoder | None = None) -> np.ndarray:
+        """Embed ``dataset`` with ``encoder`` (default: the trained one) and that encoder's evaluation transform.
+
+        Returns float32 ``(N, D)``, L2-normalised rows.
+        """
+        return embed_dataset(
+            self.encoder if encoder is None else encoder,
+            dataset,
+            device=self.device,
             batch_size=self.config.eval_batch_size,
             num_workers=self.config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator(),  # never draw from the global RNG (it belongs to training)
+            autocast=self._autocast,
         )
-        chunks = []
-        with eval_mode(self.encoder):
-            for images, _labels in loader:
-                with self._autocast():
-                    out = self.encoder(images.to(self.device, non_blocking=True))
-                chunks.append(F.normalize(out.float(), dim=-1).cpu())
-        return torch.cat(chunks).numpy()
 
     def evaluate(self) -> EvaluationReport | None:
         """Leave-one-out retrieval metrics per level on the validation set (``None`` without one)."""
         if self.val_dataset is None:
             return None
-        embeddings = self.embed(self.val_dataset)
-        return evaluate_embeddings(embeddings, self.val_dataset.labels, schema=self.val_dataset.schema)
+        return self.objective.evaluate(self.val_dataset, lambda encoder, dataset: self.embed(dataset, encoder))
 
     # ------------------------------------------------------------------ the loop
 
@@ -282,8 +272,8 @@ class Trainer:
         with TrainProgress(target, self.step, enabled=self.progress) as bar:
             while self.step < target:
                 tick = time.perf_counter()
-                images, labels = next(batches)
-                loss, lr, grad_norm = self._train_step(images, labels)
+                images, labels, indices = next(batches)
+                loss, lr, grad_norm = self._train_step(images, labels, indices)
                 elapsed = time.perf_counter() - tick
                 self.step += 1
                 self.images_seen += len(images)
@@ -308,14 +298,14 @@ class Trainer:
             run["last_loss"] = self._log_window(window, self.optimizer.param_groups[0]["lr"], log, None)
         return run
 
-    def _batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if isinstance(self.sampler, AspectRatioBatchSampler):  # keys carry the batch's joint (height, width)
             long_side = self.config.model.preprocess.input_size
             shape_of = partial(self.sampler.batch_shape, long_side=long_side)
-            samples: Dataset = JointlyResizedSamples(self.train_dataset, self.train_transform)
+            samples: Dataset = WithIndex(JointlyResizedSamples(self.train_dataset, self.train_transform))
             keys = step_batches(self.sampler, start_step, self.config.seed, shape_of=shape_of)
         else:
-            samples = SeededSamples(self.train_dataset.with_transform(self.train_transform))
+            samples = WithIndex(SeededSamples(self.train_dataset.with_transform(self.train_transform)))
             keys = step_batches(self.sampler, start_step, self.config.seed)
         loader = DataLoader(
             samples,
@@ -327,15 +317,17 @@ class Trainer:
         yield from loader
 
     def _train_step(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-        self.encoder.train()
-        self.loss_fn.train()
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        with self._autocast():
-            embeddings = self.encoder(images)
-        loss = self.loss_fn(embeddings.float(), labels)  # losses run in full precision
+        self.objective.train()
+        batch = Batch(
+            images=images.to(self.device, non_blocking=True),
+            labels=labels.to(self.device, non_blocking=True),
+            indices=indices.to(self.device, non_blocking=True),
+            step=self.step,
+            epoch=self.step // len(self.sampler),
+        )
+        loss = self.objective.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         grad_norm = None
@@ -384,7 +376,7 @@ class Trainer:
             "steps": self.step,
             "dataset": _describe_dataset(self.train_dataset, self.config),
             "train_images": len(self.train_dataset),
-            "loss": self.config.loss.name,
+            **self.objective.provenance(),
             "seed": self.config.seed,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -400,16 +392,16 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "loss": self.loss_fn.state_dict(),
+            **self.objective.state_dict_extra(),
             "rng": capture_rng_state(),
             "config": self.config.model_dump_json(),
         }
-        save_training_checkpoint(self.checkpoint_dir, self.encoder, state)
+        save_training_checkpoint(self.checkpoint_dir, self.objective.checkpoint_encoders(), state)
         save_config(self.config, self.checkpoint_dir / "config.yaml")
 
     def _restore(self, state: dict[str, Any]) -> None:
         _warn_on_config_change(state.get("config"), self.config)
-        self.loss_fn.load_state_dict(state["loss"])
+        self.objective.load_state_dict_extra(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and state.get("scaler"):

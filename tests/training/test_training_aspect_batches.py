@@ -77,7 +77,8 @@ def test_batches_are_resized_jointly_to_the_median_ratio(landmarks_csv, tmp_path
     shapes = set()
     for _ in range(6):  # two epochs
         indices = [index for index, _seed in next(keys)]
-        images, labels = next(batches)
+        images, labels, positions = next(batches)
+        assert positions.tolist() == indices  # the dataset positions travel with the batch
         wanted = JOINT[SHAPES[indices[0] % 3]]
         assert {SHAPES[i % 3] for i in indices} == {SHAPES[indices[0] % 3]}  # one ratio family per batch
         assert images.shape == (8, 3, *wanted) and images.dtype == torch.float32

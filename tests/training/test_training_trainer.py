@@ -103,7 +103,7 @@ def noisy_loss():
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     state = {f"encoder.{k}": v for k, v in trainer.encoder.state_dict().items()}
-    state.update({f"loss.{k}": v for k, v in trainer.loss_fn.state_dict().items()})
+    state.update({f"loss.{k}": v for k, v in trainer.objective.loss_fn.state_dict().items()})
     return state
 
 
@@ -183,7 +183,7 @@ def test_bad_setups_fail_with_clear_messages(tiny_data, tmp_path):
         Trainer(_config(sampler__classes_per_batch=1000), train, val, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown label level 'tiny'"):
         Trainer(_config(loss__params={"levels": ["tiny"]}), train, val, out_dir=tmp_path, progress=False)
-    with pytest.raises(KeyError, match=r"unknown loss 'nope'; valid names: csl, .*multiscale_cosface"):
+    with pytest.raises(KeyError, match=r"unknown loss 'nope'; valid names: aml_.*, csl, .*multiscale_cosface"):
         Trainer(_config(loss__name="nope"), train, val, out_dir=tmp_path, progress=False)
     assert json.loads(_config().model_dump_json())["device"] == "cpu"
 

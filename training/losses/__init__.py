@@ -4,6 +4,6 @@ A loss maps ``(embeddings (N, D), labels (N,) or (N, L))`` to a scalar and may o
 parameters (proxies), which the trainer optimises together with the encoder.
 """
 
-from training.losses.registry import LOSSES, available_losses, create_loss, needs_hierarchy
+from training.losses.registry import LOSSES, available_losses, create_loss, is_distillation_loss, needs_hierarchy
 
-__all__ = ["LOSSES", "available_losses", "create_loss", "needs_hierarchy"]
+__all__ = ["LOSSES", "available_losses", "create_loss", "is_distillation_loss", "needs_hierarchy"]

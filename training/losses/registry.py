@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from retrieval.config import ConfigError
 from retrieval.registry import Registry
 
-__all__ = ["LOSSES", "LossBuilder", "available_losses", "create_loss", "needs_hierarchy"]
+__all__ = ["LOSSES", "LossBuilder", "available_losses", "create_loss", "is_distillation_loss", "needs_hierarchy"]
 
 LossBuilder = Callable[..., nn.Module]
 
@@ -35,6 +36,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "training.losses.classification",
     "training.losses.pair",
     "training.losses.csl",
+    "training.losses.distillation",
 )
 
 
@@ -53,6 +55,23 @@ def needs_hierarchy(name: str) -> bool:
     """Whether the loss ``name`` needs the class tree (it declares a ``hierarchy`` parameter)."""
     _register_builtins()
     return "hierarchy" in inspect.signature(LOSSES.get(name)).parameters
+
+
+def is_distillation_loss(name: str) -> bool:
+    """Whether the loss ``name`` distills a teacher: it must be called with ``ref_emb`` (and maybe ``indices_tuple``).
+
+    A builder declares it with a truthy ``is_distillation`` attribute, on itself or on the class its return
+    annotation names (``training.losses.distillation.DistillationLoss`` sets it), so no loss is built to ask.
+    """
+    _register_builtins()
+    builder = LOSSES.get(name)
+    if getattr(builder, "is_distillation", False):
+        return True
+    try:
+        built = typing.get_type_hints(builder).get("return")
+    except (NameError, TypeError):  # an annotation that does not resolve at run time: not declared
+        return False
+    return bool(getattr(built, "is_distillation", False))
 
 
 def create_loss(

@@ -1,0 +1,95 @@
+"""Metric learning of one encoder: ``loss(encoder(images), labels)`` with any loss of the registry.
+
+This is the objective every recipe trained before objectives existed, kept step for step: the encoder is
+built before the loss (so the RNG draws, and the quickstart's weights, are what they were), the loss runs in
+full precision on the encoder's output, and the loss's parameters (proxies) are the ``loss`` optimiser group.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from models.encoder import Encoder
+from retrieval.config import ConfigError
+from retrieval.data.datasets import DatasetError, LabelledImageDataset
+from retrieval.data.labels import class_parents
+from retrieval.evaluation.protocols import evaluate_embeddings
+from retrieval.evaluation.report import EvaluationReport
+from training.losses import create_loss, is_distillation_loss, needs_hierarchy
+from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
+from training.optim import param_groups
+
+if TYPE_CHECKING:
+    from training.config import OptimConfig, TrainConfig
+
+__all__ = ["MetricLearningObjective", "build_metric_loss"]
+
+
+@OBJECTIVES.register("metric")
+class MetricLearningObjective(TrainingObjective):
+    """One encoder trained with a metric loss from ``training.losses.LOSSES``.
+
+    Args:
+        config: the run's config (``model``, ``loss``, ``backbone_weights`` are read).
+        train_dataset: the training images; the loss's class counts and class tree come from its labels.
+    """
+
+    def __init__(self, config: TrainConfig, train_dataset: LabelledImageDataset) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.model, backbone_weights=config.backbone_weights)
+        self.loss_fn = build_metric_loss(config, train_dataset)
+
+    def output_encoder(self) -> Encoder:
+        return self.encoder
+
+    def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
+        return param_groups(self.encoder, self.loss_fn, optim)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        with self.autocast():
+            embeddings = self.encoder(batch.images)
+        return self.loss_fn(embeddings.float(), batch.labels)  # losses run in full precision
+
+    def state_dict_extra(self) -> dict[str, Any]:
+        return {"loss": self.loss_fn.state_dict()}
+
+    def load_state_dict_extra(self, state: dict[str, Any]) -> None:
+        self.loss_fn.load_state_dict(state["loss"])
+
+    def evaluate(self, dataset: LabelledImageDataset, embed: EmbedFn) -> EvaluationReport:
+        return evaluate_embeddings(embed(self.encoder, dataset), dataset.labels, schema=dataset.schema)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"loss": self.config.loss.name}
+
+
+def build_metric_loss(config: TrainConfig, train_dataset: LabelledImageDataset) -> torch.nn.Module:
+    """The recipe's loss, sized for the training labels (level names in ``loss.params.levels`` resolved).
+
+    Raises:
+        ConfigError: a distillation loss (it needs a teacher: ``retrieval distill``), or parameters the
+            loss does not take.
+        DatasetError: a loss that needs nested labels on labels that are not nested.
+    """
+    schema, vocab = train_dataset.schema, train_dataset.vocab
+    name = config.loss.name
+    if is_distillation_loss(name):
+        raise ConfigError(
+            f"loss {name!r} distils a teacher: train it with `retrieval distill` (objective distillation)"
+        )
+    params = dict(config.loss.params)
+    if "hierarchy" in params:
+        raise ConfigError("loss.params.hierarchy is not a setting: the class tree is read from the training labels")
+    if params.get("levels") is not None:  # level names from a recipe -> label columns
+        params["levels"] = [schema.index(v) if isinstance(v, str) else v for v in params["levels"]]
+    num_classes = [vocab.num_classes(k) for k in range(schema.num_levels)]
+    hierarchy = None
+    if needs_hierarchy(name):  # the class tree, read once from the training labels
+        try:
+            hierarchy = class_parents(train_dataset.labels, num_classes[0])
+        except ValueError as exc:
+            raise DatasetError(f"loss {name!r} needs nested labels: {exc}") from None
+    return create_loss(name, num_classes, config.model.embedding_dim, hierarchy=hierarchy, **params)
