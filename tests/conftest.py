@@ -70,3 +70,27 @@ def clothing_small() -> Path:
     if not (CLOTHING_SMALL / "labels.csv").is_file():
         pytest.skip("../shared/data/clothing-small is not present on this machine")
     return CLOTHING_SMALL
+
+
+@pytest.fixture(scope="session")
+def make_student(tmp_path_factory, tiny_encoder_config):
+    """Factory: save a tiny "student" whose config names ``teacher_id`` (AML pairing), weights drawn from ``seed``.
+
+    Pairing checks read only ``teacher_id`` and the embedding size, so a random encoder stands in for a
+    distilled one. ``teacher_id`` may be a checkpoint path (its encoder id is used) or an id string.
+    """
+    import torch
+
+    from models import Encoder, read_checkpoint_info, save_encoder
+
+    def make(teacher: Path | str | None, seed: int = 3, embedding_dim: int | None = None) -> Path:
+        teacher_id = read_checkpoint_info(teacher).encoder_id if isinstance(teacher, Path) else teacher
+        update: dict = {"teacher_id": teacher_id}
+        if embedding_dim is not None:
+            update["embedding_dim"] = embedding_dim
+        torch.manual_seed(seed)
+        path = tmp_path_factory.mktemp(f"student{seed}") / "encoder"
+        save_encoder(Encoder(tiny_encoder_config.model_copy(update=update)).eval(), path)
+        return path
+
+    return make

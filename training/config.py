@@ -18,6 +18,7 @@ from retrieval.data.synthetic import SyntheticConfig
 from retrieval.data.transforms import AugmentConfig
 
 __all__ = [
+    "CONFIG_TYPES",
     "DataConfig",
     "DistillConfig",
     "DistillSection",
@@ -26,6 +27,7 @@ __all__ = [
     "SamplerConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "load_recipe_config",
 ]
 
 
@@ -48,17 +50,21 @@ class DataConfig(StrictModel):
             (see ``retrieval.data.landmarks``).
         landmarks_images: the GLDv2 image folder (``<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` below it); needed by
             the id layouts; for ``path`` CSVs it replaces the CSV's folder as the base of relative paths.
+        sfm120k_root: the SfM-120k folder (``retrieval-SfM-120k.pkl`` + ``ims/``) for ``source: sfm120k``, the
+            cirtorch training set used by AML; one level ``fine`` = the 3-D reconstruction cluster, and the
+            official query/positive pairs feed the distillation miner. Its ``val`` split validates.
         levels: label columns to read from the CSVs, finest first; default all of fine/middle/coarse present.
         num_workers: DataLoader worker processes (0 decodes in the training process).
     """
 
-    source: Literal["synthetic", "csv", "dyml", "landmarks"] = "synthetic"
+    source: Literal["synthetic", "csv", "dyml", "landmarks", "sfm120k"] = "synthetic"
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     train_csv: Path | None = None
     val_csv: Path | None = None
     dyml_root: Path | None = None
     landmarks_csv: Path | None = None
     landmarks_images: Path | None = None
+    sfm120k_root: Path | None = None
     levels: list[str] | None = None
     num_workers: int = Field(0, ge=0)
 
@@ -70,6 +76,8 @@ class DataConfig(StrictModel):
             raise ValueError("data.dyml_root is required when data.source is 'dyml'")
         if self.source == "dyml" and self.levels is not None and self.levels != ["fine", "middle", "coarse"]:
             raise ValueError("data.levels cannot be chosen with data.source 'dyml' (it trains on fine, middle, coarse)")
+        if self.source == "sfm120k" and self.sfm120k_root is None:
+            raise ValueError("data.sfm120k_root is required when data.source is 'sfm120k'")
         if self.source == "landmarks" and self.landmarks_csv is None:
             raise ValueError("data.landmarks_csv is required when data.source is 'landmarks'")
         if self.source == "landmarks" and self.levels is not None and self.levels != ["fine"]:
@@ -254,3 +262,27 @@ class DistillConfig(TrainConfig):
     distill: DistillSection = Field(default_factory=DistillSection)
     loss: LossConfig = Field(default_factory=lambda: LossConfig(name="aml_regression"))
     out_dir: Path = Path("runs/distill")
+
+
+#: The config type of each objective: a recipe's ``objective`` picks the sections it may hold.
+CONFIG_TYPES: dict[str, type[TrainConfig]] = {"metric": TrainConfig, "distillation": DistillConfig}
+
+
+def load_recipe_config(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a recipe file with the config type its ``objective`` names (a metric ``TrainConfig`` by default).
+
+    Raises:
+        ConfigError: an unreadable recipe, an unknown objective, or values that do not validate.
+    """
+    import yaml
+
+    from retrieval.config import ConfigError, apply_overrides, load_config
+
+    try:
+        raw = yaml.safe_load(Path(recipe).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read recipe {recipe}: {exc}") from None
+    objective = apply_overrides(raw if isinstance(raw, dict) else {}, overrides).get("objective", "metric")
+    if objective not in CONFIG_TYPES:
+        raise ConfigError(f"objective: unknown {objective!r}; valid: {', '.join(CONFIG_TYPES)}")
+    return load_config(CONFIG_TYPES[objective], recipe, overrides)

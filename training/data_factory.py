@@ -23,7 +23,8 @@ def build_datasets(config: DataConfig) -> tuple[LabelledImageDataset, LabelledIm
     ``labels.csv``), restricted to ``levels`` when given. ``dyml`` opens the official training split of
     ``dyml_root`` (DyML has no validation split, so ``val`` comes from ``val_csv`` or is ``None``).
     ``landmarks`` opens ``landmarks_csv`` (GLDv2 ``train_clean.csv``, ``id,landmark_id`` or ``path,landmark_id``)
-    with images under ``landmarks_images``; a ``val_csv`` is read the same way.
+    with images under ``landmarks_images``; a ``val_csv`` is read the same way. ``sfm120k`` opens the cirtorch
+    SfM-120k layout's train and val splits.
 
     Raises:
         DatasetError: a missing or malformed CSV or DyML root (the message names the file).
@@ -39,6 +40,13 @@ def build_datasets(config: DataConfig) -> tuple[LabelledImageDataset, LabelledIm
         logger.info("landmarks data: %d train images of %d landmarks", len(train), train.vocab.num_classes(0))
         landmarks_val = None if config.val_csv is None else open_landmarks_csv(config.val_csv, config.landmarks_images)
         return train, landmarks_val
+    if config.source == "sfm120k":
+        from retrieval.data.sfm120k import open_sfm120k
+
+        assert config.sfm120k_root is not None  # enforced by DataConfig's validator
+        train = open_sfm120k(config.sfm120k_root, "train")
+        logger.info("SfM-120k: %d train images of %d clusters", len(train), train.vocab.num_classes(0))
+        return train, open_sfm120k(config.sfm120k_root, "val")
     if config.source == "dyml":
         assert config.dyml_root is not None  # enforced by DataConfig's validator
         train = open_dyml_train(config.dyml_root)

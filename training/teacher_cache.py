@@ -49,7 +49,7 @@ class TeacherCache:
     path: Path
     teacher_id: str
     fingerprint: str
-    embeddings: np.ndarray  # memory-mapped, read-only
+    embeddings: np.ndarray  # memory-mapped copy-on-write: the file is never written
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -135,7 +135,8 @@ def _open_entry(entry: Path, teacher_id: str, fingerprint: str, count: int) -> T
             f"is {fingerprint}); leave distill.teacher_embeddings unset to compute a cache for this data"
         )
     try:
-        embeddings = np.load(entry / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
+        # copy-on-write: pages are read lazily and the file never changes (and torch can view the array)
+        embeddings = np.load(entry / EMBEDDINGS_FILE, mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise TeacherCacheError(f"cannot read {entry / EMBEDDINGS_FILE}: {exc}") from None
     if embeddings.ndim != 2 or len(embeddings) != count or embeddings.dtype != np.float32:

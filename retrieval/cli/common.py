@@ -6,12 +6,15 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
-__all__ = ["console", "err_console", "fail", "print_json", "user_errors"]
+if TYPE_CHECKING:
+    from retrieval.evaluation.report import EvaluationReport
+
+__all__ = ["console", "err_console", "fail", "print_json", "print_side_by_side", "user_errors"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,3 +45,19 @@ def user_errors() -> Iterator[None]:
         raise fail(f"file not found: {exc.filename or exc}") from None
     except KeyboardInterrupt:
         raise fail("interrupted", code=130) from None
+
+
+def print_side_by_side(reports: dict[str, EvaluationReport], query_id: str, gallery_id: str, title: str) -> None:
+    """Print the reports of an asymmetric evaluation in one table, with a line saying which encoder is where.
+
+    ``reports`` are keyed by ``retrieval.evaluation.asymmetric.MODES`` (symmetric, asymmetric, teacher).
+    """
+    from retrieval.evaluation.report import format_side_by_side
+
+    console.print(
+        f"symmetric: query encoder {query_id} on both sides; asymmetric: its queries against gallery "
+        f"encoder {gallery_id}; teacher: {gallery_id} on both sides",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(format_side_by_side(reports, title=title), highlight=False, soft_wrap=True)

@@ -2,8 +2,12 @@
 
 Embeddings come either from an encoder run over an official DyML test layout (``--data-root`` with
 ``--encoder``), or from a file saved by an earlier run (``--embeddings``), so the protocol can be
-re-scored without the model. Heavy modules (torch, the encoder, the extraction loop) are imported
-inside the command, so ``retrieval --help`` stays instant.
+re-scored without the model. With ``--query-encoder`` (a student distilled into the ``--encoder``'s
+space), the student's symmetric numbers, its asymmetric ones (student-embedded query lists against
+``--encoder``-embedded gallery lists; on a level without a gallery, each query against the teacher
+embeddings of the other query images) and the ``--encoder``'s own are printed side by side. Heavy
+modules (torch, the encoder, the extraction loop) are imported inside the command, so ``retrieval
+--help`` stays instant.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from retrieval.cli.common import console, fail, print_json, user_errors
+from retrieval.cli.common import console, fail, print_json, print_side_by_side, user_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
     from retrieval.data.datasets import LabelledImageDataset
     from retrieval.data.dyml import DymlLevelSplit
     from retrieval.evaluation.dyml import DymlLevelEmbeddings
+    from retrieval.evaluation.report import EvaluationReport
 
 __all__ = ["dyml"]
 
@@ -29,7 +34,15 @@ def dyml(
     data_root: Path | None = typer.Option(
         None, "--data-root", help="Official DyML test layout (bmk_fine/, bmk_middle/, bmk_coarse/ or the Product set)."
     ),
-    encoder: Path | None = typer.Option(None, "--encoder", help="Encoder checkpoint directory (with --data-root)."),
+    encoder: Path | None = typer.Option(
+        None, "--encoder", help="Encoder checkpoint directory (with --data-root; with --query-encoder, the gallery's)."
+    ),
+    query_encoder: Path | None = typer.Option(
+        None,
+        "--query-encoder",
+        help="Asymmetric mode: a student checkpoint embedding the query lists into --encoder's space; prints its "
+        "symmetric and asymmetric numbers beside --encoder's own.",
+    ),
     embeddings: Path | None = typer.Option(
         None, "--embeddings", help="Embeddings saved by --save-embeddings (.npz); no model is loaded."
     ),
@@ -55,11 +68,15 @@ def dyml(
         from retrieval.evaluation.dyml import evaluate_dyml, load_dyml_embeddings, save_dyml_embeddings
         from retrieval.evaluation.protocols import check_report_ks
 
-        _check_sources(data_root, encoder, embeddings, save_embeddings)
+        _check_sources(data_root, encoder, embeddings, save_embeddings, query_encoder)
         try:
             k_values = check_report_ks([int(k) for k in ks.split(",")])
         except ValueError as exc:
             raise typer.BadParameter(f"--ks must be distinct positive integers separated by commas ({exc})") from None
+        if query_encoder is not None:
+            assert data_root is not None and encoder is not None
+            _asymmetric(data_root, encoder, query_encoder, k_values, batch_size, eval_batch_size, device, as_json)
+            return
         skipped = 0
         if embeddings is not None:
             levels = load_dyml_embeddings(embeddings)
@@ -88,7 +105,11 @@ def dyml(
 
 
 def _check_sources(
-    data_root: Path | None, encoder: Path | None, embeddings: Path | None, save_embeddings: Path | None
+    data_root: Path | None,
+    encoder: Path | None,
+    embeddings: Path | None,
+    save_embeddings: Path | None,
+    query_encoder: Path | None = None,
 ) -> None:
     """Exactly one source of embeddings, and only the options that go with it."""
     if (data_root is None) == (embeddings is None):
@@ -99,6 +120,92 @@ def _check_sources(
         raise typer.BadParameter("--encoder is only used with --data-root; --embeddings are already embedded")
     if embeddings is not None and save_embeddings is not None:
         raise typer.BadParameter("--save-embeddings only applies to embeddings extracted from --data-root")
+    if query_encoder is not None and embeddings is not None:
+        raise typer.BadParameter("--query-encoder needs --data-root and --encoder; --embeddings are already embedded")
+    if query_encoder is not None and save_embeddings is not None:
+        raise typer.BadParameter(
+            "--save-embeddings stores one encoder's embeddings; run without --query-encoder to save each encoder's"
+        )
+
+
+def _asymmetric(
+    data_root: Path,
+    encoder: Path,
+    query_encoder: Path,
+    ks: list[int],
+    batch_size: int,
+    eval_batch_size: int,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Score the student alone, the student against the ``--encoder`` gallery, and the ``--encoder`` alone."""
+    from models import read_checkpoint_info
+    from retrieval.cli.pairing import check_query_encoder_pairing
+    from retrieval.evaluation.asymmetric import ASYMMETRIC, SYMMETRIC, TEACHER
+    from retrieval.evaluation.dyml import evaluate_dyml
+
+    gallery_info = read_checkpoint_info(encoder)
+    query_info = read_checkpoint_info(query_encoder)
+    check_query_encoder_pairing(query_info, gallery_info)  # before any image is read or model loaded
+    modes, skipped = _extract_pair(data_root, query_encoder, encoder, batch_size, device, progress=not as_json)
+    reports: dict[str, EvaluationReport] = {}
+    for mode in (SYMMETRIC, ASYMMETRIC, TEACHER):
+        _check_sizes(modes[mode])
+        reports[mode] = evaluate_dyml(modes[mode], ks=ks, batch_size=eval_batch_size)
+    queries = {entry.level: len(entry.query) for entry in modes[SYMMETRIC]}
+    if as_json:
+        ids = {"encoder_id": gallery_info.encoder_id, "query_encoder_id": query_info.encoder_id}
+        payload = {m: r.to_dict() for m, r in reports.items()}
+        print_json({"protocol": "dyml", "mode": "asymmetric", **ids, **payload, "queries_per_level": queries,
+                    "skipped": skipped})  # fmt: skip
+        return
+    title = "DyML protocol in % (R@K = hit rate, mAP over all positives, ASI), mean = overall " + (
+        f"({', '.join(f'{level} {n} queries' for level, n in queries.items())})"
+    )
+    print_side_by_side(reports, query_info.encoder_id, gallery_info.encoder_id, title)
+    if skipped:
+        console.print(f"[yellow]skipped {skipped} unreadable images[/]")
+
+
+def _extract_pair(
+    data_root: Path, student: Path, teacher: Path, batch_size: int, device: str, progress: bool
+) -> tuple[dict[str, list[DymlLevelEmbeddings]], int]:
+    """Per-level embeddings of the three modes, and the number of distinct images left out as unreadable.
+
+    Both encoders embed every distinct image once. An image either cannot read is left out of every
+    mode, so the three reports score the same queries against the same galleries.
+    """
+    from models import load_encoder
+    from retrieval.data.dyml import open_dyml_test
+    from retrieval.evaluation.asymmetric import ASYMMETRIC, SYMMETRIC, TEACHER
+
+    splits = open_dyml_test(data_root)
+    vectors, dims = [], []
+    for checkpoint in (student, teacher):
+        model = load_encoder(checkpoint, device=device)
+        vectors.append(_embed_distinct(splits, model, batch_size, device, progress)[0])
+        dims.append(model.embedding_dim)
+        del model
+    unreadable = [name for name in vectors[0] if vectors[0][name] is None or vectors[1][name] is None]
+    for name in unreadable:
+        vectors[0][name] = vectors[1][name] = None
+    student_levels = [_level_embeddings(split, vectors[0], dims[0]) for split in splits]
+    teacher_levels = [_level_embeddings(split, vectors[1], dims[1]) for split in splits]
+    asymmetric = [_asymmetric_level(s, t) for s, t in zip(student_levels, teacher_levels, strict=True)]
+    return {SYMMETRIC: student_levels, ASYMMETRIC: asymmetric, TEACHER: teacher_levels}, len(unreadable)
+
+
+def _asymmetric_level(student: DymlLevelEmbeddings, teacher: DymlLevelEmbeddings) -> DymlLevelEmbeddings:
+    """Student queries against the teacher's gallery; on a level without one, the teacher's other queries."""
+    from retrieval.evaluation.dyml import DymlLevelEmbeddings
+
+    if teacher.gallery is None:
+        return DymlLevelEmbeddings(
+            student.level, student.query, student.query_labels, teacher.query, teacher.query_labels, exclude_self=True
+        )
+    return DymlLevelEmbeddings(
+        student.level, student.query, student.query_labels, teacher.gallery, teacher.gallery_labels
+    )
 
 
 def _extract(

@@ -10,15 +10,18 @@ position, so one missing row would silently shift every index after it. An unrea
 database image therefore stops the run with an error naming the files. Unreadable distractors
 are left out and counted (a distractor has no index in the ground truth).
 
-Cache (``--cache-dir``): one ``.npy`` per side, named by dataset, side, encoder id, a fingerprint of
-what was embedded (the ground-truth pickle's bytes for queries and database, the file list for
-distractors), the scales and the maximum side. A re-run with the same settings loads them instead
-of extracting, without loading the model; a file of the wrong shape is re-extracted and replaced.
+Cache (``--cache-dir``, :mod:`indexing.feature_cache`): one ``.npy`` per side, named by dataset, side,
+encoder id, a fingerprint of what was embedded (the ground-truth pickle's bytes for queries and database,
+the file list for distractors), the scales and the maximum side. A re-run with the same settings loads
+them instead of extracting, without loading the model; a file of the wrong shape is re-extracted and
+replaced. The symmetric and asymmetric runs share the entries of the database side.
+
+A ``--query-encoder`` must embed into the ``--encoder``'s space: be that encoder or a student distilled
+against it (its ``teacher_id``); any other is refused (:mod:`retrieval.cli.pairing`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +33,7 @@ from retrieval.cli.common import console, fail, print_json, user_errors
 if TYPE_CHECKING:
     import numpy as np
 
-    from retrieval.data.datasets import LabelledImageDataset
+    from indexing.feature_cache import CachedFeatures, FeatureKey, MultiscaleFeatures
     from retrieval.data.revisited import RevisitedDataset
 
 __all__ = ["revisited"]
@@ -38,7 +41,6 @@ __all__ = ["revisited"]
 DISPLAY_NAMES = {"roxford5k": "ROxford5k", "rparis6k": "RParis6k"}
 DEFAULT_SCALES = "0.7071,1,1.4142"
 _MAX_NAMED = 5  # unreadable files named in an error message
-_CACHE_FORMAT = "ms1"  # bump when indexing.multiscale changes what it computes, so old caches are not reused
 
 
 def revisited(
@@ -211,7 +213,7 @@ def _evaluate(
 
 @dataclass
 class _Run:
-    """Extraction state of one command: settings, loaded encoders, cache hits and notes to print."""
+    """Extraction state of one command: settings, cache hits and what to print about them."""
 
     bench: RevisitedDataset
     scales: tuple[float, ...]
@@ -226,33 +228,24 @@ class _Run:
     written: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped_distractors: int = 0
-    _models: dict[Path, Any] = field(default_factory=dict)
+    _features: MultiscaleFeatures | None = None
 
     def embed_all(
         self, encoder: Path, query_encoder: Path | None, distractors: Path | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Query, database and distractor features (cached where possible)."""
+        from indexing.feature_cache import file_fingerprint
         from models import read_checkpoint_info
+        from retrieval.cli.pairing import check_query_encoder_pairing
 
         db_info = read_checkpoint_info(encoder)
         q_info = read_checkpoint_info(query_encoder) if query_encoder is not None else db_info
-        if q_info.config.embedding_dim != db_info.config.embedding_dim:
-            raise fail(
-                f"--query-encoder {query_encoder} embeds into {q_info.config.embedding_dim} dimensions but "
-                f"--encoder {encoder} into {db_info.config.embedding_dim}; asymmetric mode needs the same space"
-            )
-        if q_info.encoder_id != db_info.encoder_id and q_info.config.teacher_id != db_info.encoder_id:
-            self.notes.append(
-                f"note: the query encoder ({q_info.encoder_id}) was not distilled against the database encoder "
-                f"({db_info.encoder_id}); its embeddings may not share that space"
-            )
+        check_query_encoder_pairing(q_info, db_info)
         self.ids = {"query": q_info.encoder_id, "database": db_info.encoder_id}
-        from indexing.index_dir import file_sha256
-
-        gnd_fingerprint = file_sha256(self.bench.gnd_path)[:12]
+        gnd_fingerprint = file_fingerprint(self.bench.gnd_path)
         dim = db_info.config.embedding_dim
-        queries = self._features(q_info.path, q_info.encoder_id, dim, "query", self.bench.queries, gnd_fingerprint)
-        database = self._features(db_info.path, db_info.encoder_id, dim, "db", self.bench.database, gnd_fingerprint)
+        queries = self._side(q_info.path, self._key("query", q_info.encoder_id, gnd_fingerprint), dim, "query")
+        database = self._side(db_info.path, self._key("db", db_info.encoder_id, gnd_fingerprint), dim, "db")
         extra = None
         if distractors is not None:
             if distractors.is_dir():
@@ -261,101 +254,44 @@ class _Run:
                 extra = _distractor_features(distractors, dim)
         return queries, database, extra
 
+    def _key(self, side: str, encoder_id: str, fingerprint: str) -> FeatureKey:
+        return self._extractor().key(self.bench.name, side, encoder_id, fingerprint)
+
+    def _extractor(self) -> MultiscaleFeatures:
+        from indexing.feature_cache import FeatureCache, MultiscaleFeatures
+
+        if self._features is None:
+            cache = FeatureCache(self.cache_dir) if self.cache_dir is not None else None
+            self._features = MultiscaleFeatures(
+                self.scales, self.max_side, self.batch_size, self.device, self.num_workers, self.progress, cache
+            )
+        return self._features
+
+    def _side(self, checkpoint: Path, key: FeatureKey, dim: int, side: str) -> np.ndarray:
+        """Queries or database: every image must be readable (row ``i`` is ground-truth index ``i``)."""
+        dataset = self.bench.queries if side == "query" else self.bench.database
+        result = self._extractor().features(checkpoint, dataset, key, dim, complete=True)
+        if result.num_skipped:
+            raise fail(_unreadable_message(self.bench.name, side, result.skipped.skipped))
+        return self._record(result).embeddings
+
     def _distractor_images(self, folder: Path, checkpoint: Path, encoder_id: str, dim: int) -> np.ndarray:
+        """Distractors: unreadable ones are left out and counted (they have no index in the ground truth)."""
+        from indexing.feature_cache import names_fingerprint
         from retrieval.data.datasets import ImageFolderDataset
 
         images = ImageFolderDataset(folder)
-        fingerprint = hashlib.sha256("\n".join(images.names).encode()).hexdigest()[:12]
-        return self._features(checkpoint, encoder_id, dim, "distractors", images, fingerprint, strict=False)
+        key = self._key("distractors", encoder_id, names_fingerprint(images.names))
+        result = self._extractor().features(checkpoint, images, key, dim, complete=False)
+        self.skipped_distractors = result.num_skipped
+        return self._record(result).embeddings
 
-    def _features(
-        self,
-        checkpoint: Path,
-        encoder_id: str,
-        dim: int,
-        side: str,
-        dataset: LabelledImageDataset,
-        fingerprint: str,
-        *,
-        strict: bool = True,
-    ) -> np.ndarray:
-        """Features of ``dataset`` from the cache, or extracted (and cached) with the encoder at ``checkpoint``.
-
-        With ``strict``, every image must be readable (row ``i`` is dataset item ``i``); otherwise
-        unreadable items are left out and counted as skipped distractors.
-        """
-        cache = self._cache_path(side, encoder_id, fingerprint)
-        if cache is not None:
-            cached = _load_cached(cache, dim, len(dataset) if strict else None)
-            if cached is not None:
-                self.loaded.append(cache.name)
-                if not strict:
-                    self.skipped_distractors = len(dataset) - len(cached)
-                return cached
-        extraction = self._extract(checkpoint, dataset)
-        if len(extraction.skipped):
-            if strict:
-                raise fail(_unreadable_message(self.bench.name, side, extraction.skipped.skipped))
-            self.skipped_distractors = len(extraction.skipped)
-        embeddings = extraction.embeddings
-        if cache is not None:
-            _save_atomic(cache, embeddings)
-            self.written.append(cache.name)
-        return embeddings
-
-    def _extract(self, checkpoint: Path, dataset: LabelledImageDataset) -> Any:
-        from indexing.multiscale import extract_multiscale
-        from models import load_encoder
-
-        if checkpoint not in self._models:
-            self._models[checkpoint] = load_encoder(checkpoint, device=self.device)
-        return extract_multiscale(
-            self._models[checkpoint],
-            dataset,
-            scales=self.scales,
-            max_side=self.max_side,
-            batch_size=self.batch_size,
-            device=self.device,
-            num_workers=self.num_workers,
-            progress=self.progress,
-        )
-
-    def _cache_path(self, side: str, encoder_id: str, fingerprint: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        scales = "_".join(f"{s:g}" for s in self.scales)
-        name = (
-            f"{self.bench.name}-{side}-enc{encoder_id}-{fingerprint}-s{scales}-max{self.max_side}-{_CACHE_FORMAT}.npy"
-        )
-        return self.cache_dir / name
-
-
-def _load_cached(path: Path, dim: int, rows: int | None) -> np.ndarray | None:
-    """The cached array if it exists and has the expected shape; ``None`` (re-extract) otherwise."""
-    import numpy as np
-
-    if not path.is_file():
-        return None
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != dim:
-        return None
-    if rows is not None and len(array) != rows:
-        return None
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as ``.npy`` at ``path`` through ``atomic_file`` (never a half-written cache)."""
-    import numpy as np
-
-    from retrieval.atomic import atomic_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as fh:
-        np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
+    def _record(self, result: CachedFeatures) -> CachedFeatures:
+        if result.loaded:
+            self.loaded.append(result.loaded)
+        if result.written:
+            self.written.append(result.written)
+        return result
 
 
 def _unreadable_message(name: str, side: str, skipped: list[tuple[str, str]]) -> str:

@@ -13,6 +13,7 @@ import typer
 from retrieval import __version__
 from retrieval.cli import (
     data_cmd,
+    distill_cmd,
     evaluate_cmd,
     evaluate_dyml_cmd,
     evaluate_revisited_cmd,
@@ -40,6 +41,7 @@ evaluate_app = typer.Typer(help="Offline evaluation protocols.", no_args_is_help
 
 app.command("quickstart")(quickstart_cmd.quickstart)
 app.command("train")(train_cmd.train)
+app.command("distill")(distill_cmd.distill)
 app.command("search")(search_cmd.search)
 app.command("export")(export_cmd.export)
 app.command("serve")(serve_cmd.serve)

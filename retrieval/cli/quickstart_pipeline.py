@@ -1,4 +1,9 @@
-"""The quickstart pipeline: synthetic gallery -> train -> evaluate -> index -> export -> search.
+"""The quickstart pipeline: synthetic gallery -> train -> index -> evaluate -> distil -> export -> search.
+
+The gallery encoder (teacher) is trained, indexes the test gallery and is scored on it; then a small student
+query encoder is distilled into the teacher's space (Asymmetric Metric Learning), scored on the same gallery
+with its queries searching the teacher's vectors, exported to ONNX, timed against the teacher's ONNX export,
+and used for the sample searches: the asymmetric query path end to end.
 
 Kept apart from the typer command so that tests (and notebooks) can run it as a function
 and inspect its result. It sits in the CLI layer because it is the one place that joins
@@ -30,6 +35,10 @@ class QuickstartOptions:
     seed: int = 0
     recipe: str = "quickstart"
     overrides: Sequence[str] = ()
+    student_recipe: str = "aml-synthetic-cpu"
+    student_minutes: float = 1.5
+    student_overrides: Sequence[str] = ()
+    distill: bool = True
     num_queries: int = 4
     top_k: int = 5
     device: str = "cpu"
@@ -46,12 +55,14 @@ class QuickstartResult:
     samples: list[dict[str, Any]]
     paths: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
+    student: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "metrics": self.metrics,
             "chance": self.chance,
             "training": self.training,
+            "student": self.student,
             "samples": self.samples,
             "paths": self.paths,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
@@ -80,41 +91,56 @@ def run_quickstart(options: QuickstartOptions, announce: Step = lambda message: 
     config = load_config(TrainConfig, find_recipe(options.recipe), overrides)
     timings: dict[str, float] = {}
 
-    announce("1/6 generating the synthetic hierarchical gallery")
+    steps = 8 if options.distill else 6
+    announce(f"1/{steps} generating the synthetic hierarchical gallery")
     with _timed(timings, "data"):
         test_csv = _write_dataset(config, work / "data")
 
-    announce(f"2/6 training {config.model.backbone} for at most {options.minutes:g} min")
+    announce(f"2/{steps} training the gallery encoder ({config.model.backbone}) for at most {options.minutes:g} min")
     with _timed(timings, "train"):
         training = _train(config, options.progress)
     encoder_path = Path(training["encoder_path"])
 
-    announce("3/6 indexing the test gallery (open-set: its fine classes were never trained on)")
+    announce(f"3/{steps} indexing the test gallery (open-set: its fine classes were never trained on)")
     with _timed(timings, "index"):
         index_path, gallery = _index(encoder_path, test_csv, work / "index", options)
 
-    announce("4/6 evaluating per level (each test image queries all the others)")
+    announce(f"4/{steps} evaluating per level (each test image queries all the others)")
     with _timed(timings, "evaluate"):
-        metrics, chance = _evaluate(index_path, gallery, options.seed)
+        metrics, chance, gallery_vectors = _evaluate(index_path, gallery, options.seed)
 
-    announce("5/6 exporting the query encoder to ONNX")
+    announce(f"5/{steps} exporting the gallery encoder to ONNX")
     with _timed(timings, "export"):
         onnx_path, cosine = _export(encoder_path, work / "query_encoder.onnx")
+    query_encoder = onnx_path
 
-    announce("6/6 searching with the ONNX query encoder and writing the contact sheet")
+    student: dict[str, Any] | None = None
+    if options.distill:
+        announce(f"6/{steps} distilling a small query encoder into the gallery encoder's space (AML)")
+        with _timed(timings, "distill"):
+            student = _distill(encoder_path, config.data, work / "student", options)
+        announce(f"7/{steps} scoring the student's queries against the teacher's index, exporting and timing it")
+        with _timed(timings, "student"):
+            student_path = Path(student["encoder_path"])
+            student["evaluation"] = _evaluate_student(student_path, gallery, gallery_vectors, options)
+            query_encoder, student["onnx_min_cosine"] = _export(student_path, work / "student.onnx")
+            student["latency"] = _latency(query_encoder, onnx_path, gallery)
+
+    announce(f"{steps}/{steps} searching with the ONNX query encoder and writing the contact sheet")
     with _timed(timings, "search"):
-        samples = _sample_searches(index_path, onnx_path, gallery, options, work / "contact_sheet.png")
+        samples = _sample_searches(index_path, query_encoder, gallery, options, work / "contact_sheet.png")
 
     paths = {
         "work_dir": str(work),
         "encoder": str(encoder_path),
         "index": str(index_path),
-        "query_encoder": str(onnx_path),
+        "gallery_encoder_onnx": str(onnx_path),
+        "query_encoder": str(query_encoder),
         "contact_sheet": str(work / "contact_sheet.png"),
         "test_csv": str(test_csv),
     }
     training["onnx_min_cosine"] = cosine
-    return QuickstartResult(metrics, chance, training, samples, paths, timings)
+    return QuickstartResult(metrics, chance, training, samples, paths, timings, student)
 
 
 class _timed:
@@ -151,8 +177,9 @@ def _index(encoder_path: Path, test_csv: Path, out: Path, options: QuickstartOpt
     return out, gallery
 
 
-def _evaluate(index_path: Path, gallery: Any, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per-level metrics from the vectors in the index, and the same metrics for random vectors (chance)."""
+def _evaluate(index_path: Path, gallery: Any, seed: int) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+    """Per-level metrics from the vectors in the index, the same metrics for random vectors (chance), and the
+    index's vectors in gallery order (the teacher side of the student's asymmetric evaluation)."""
     from indexing.index_dir import open_index_dir
     from retrieval.evaluation.protocols import evaluate_embeddings
 
@@ -164,7 +191,68 @@ def _evaluate(index_path: Path, gallery: Any, seed: int) -> tuple[dict[str, Any]
     noise = rng.standard_normal(vectors.shape).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     chance = evaluate_embeddings(noise, labels, schema=gallery.schema)
-    return report.to_dict(), chance.to_dict()
+    in_gallery_order = np.zeros((len(gallery), vectors.shape[1]), np.float32)
+    in_gallery_order[ids] = vectors
+    return report.to_dict(), chance.to_dict(), in_gallery_order
+
+
+def _distill(teacher_path: Path, data: Any, out: Path, options: QuickstartOptions) -> dict[str, Any]:
+    """Distil the student recipe into the teacher's space within ``student_minutes``, on the teacher's training
+    data (``data``, the teacher run's resolved data section)."""
+    from retrieval.config import load_config
+    from training.config import DistillConfig
+    from training.recipe_paths import find_recipe
+    from training.trainer import train
+
+    overrides = [
+        f"out_dir={out}",
+        f"distill.teacher={teacher_path}",
+        f"seed={options.seed}",
+        f"data.synthetic.seed={options.seed}",
+        f"schedule.max_minutes={options.student_minutes}",
+        f"device={options.device}",
+        *options.student_overrides,
+    ]
+    config = load_config(DistillConfig, find_recipe(options.student_recipe), overrides)
+    config = config.model_copy(update={"data": data})
+    return train(config, resume=False, progress=options.progress).to_dict()
+
+
+def _evaluate_student(
+    student_path: Path, gallery: Any, teacher_vectors: np.ndarray, options: QuickstartOptions
+) -> dict[str, Any]:
+    """The student's queries against the teacher's gallery vectors (each image querying all the others), and
+    the student on both sides, per level."""
+    from indexing.extract import extract_embeddings
+    from models.checkpoint import load_encoder
+    from retrieval.evaluation.asymmetric import evaluate_asymmetric
+
+    student = load_encoder(student_path, device=options.device)
+    extraction = extract_embeddings(student, gallery, device=options.device, progress=False)
+    rows = extraction.indices
+    reports = evaluate_asymmetric(
+        extraction.embeddings, teacher_vectors[rows], gallery.labels[rows], schema=gallery.schema, include_teacher=False
+    )
+    return {mode: report.to_dict() for mode, report in reports.items()}
+
+
+def _latency(student_onnx: Path, teacher_onnx: Path, gallery: Any, repeats: int = 15) -> dict[str, float]:
+    """Median time to embed one query image (preprocessing + network) with each ONNX model, interleaved."""
+    from serving.runtimes import open_query_encoder
+
+    student = open_query_encoder(student_onnx)
+    teacher = open_query_encoder(teacher_onnx)
+    images = [gallery.load_image(i) for i in range(repeats)]
+    times: dict[str, list[float]] = {"student_ms": [], "teacher_ms": []}
+    for runtime in (student, teacher):  # warm-up
+        runtime.encode(images[:1])
+    for image in images:
+        for key, runtime in (("student_ms", student), ("teacher_ms", teacher)):
+            start = time.perf_counter()
+            runtime.encode([image])
+            times[key].append(1000 * (time.perf_counter() - start))
+    medians = {key: float(np.median(values)) for key, values in times.items()}
+    return {**medians, "ratio": medians["student_ms"] / medians["teacher_ms"]}
 
 
 def _export(encoder_path: Path, out: Path) -> tuple[Path, float]:

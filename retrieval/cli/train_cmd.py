@@ -23,19 +23,21 @@ def train(
 ) -> None:
     """Train an encoder; writes OUT/encoder (checkpoint), OUT/config.yaml and OUT/metrics.jsonl.
 
+    The recipe's `objective` says what is trained: `metric` (one encoder and a metric loss, the default) or
+    `distillation` (a student query encoder; `retrieval distill` is the same with a --teacher option).
+
     Config values merge as defaults < recipe < --set overrides; the resolved config is
     saved beside the checkpoint. Interrupt with Ctrl-C and re-run the same command to resume.
     """
     with user_errors():
-        from retrieval.config import load_config
-        from training.config import TrainConfig
+        from training.config import load_recipe_config
         from training.recipe_paths import find_recipe
         from training.trainer import train as run_training
 
         overrides = [*set_, *([f"out_dir={out}"] if out is not None else [])]
         if weights is not None:
             overrides.append(f"backbone_weights={weights}")
-        cfg = load_config(TrainConfig, find_recipe(config), overrides)
+        cfg = load_recipe_config(find_recipe(config), overrides)
         result = run_training(cfg, resume=resume, progress=not as_json)
     summary = result.to_dict()
     if as_json:

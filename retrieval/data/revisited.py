@@ -12,8 +12,9 @@ The ground truth ships only as a Python pickle: a dict with ``imlist`` (database
 ``qimlist`` (query image names; the 70 queries are not in the database) and ``gnd``, one dict per
 query with its bounding box ``bbx`` ``[x1, y1, x2, y2]`` and the database indices of its ``easy``,
 ``hard`` and ``junk`` images. Unpickling runs code named by the file, so this module reads it through
-a restricted unpickler that resolves nothing but numpy's array reconstruction: a tampered file is
-refused instead of executed. It is the only place in the project that unpickles anything.
+the restricted unpickler of :mod:`retrieval.data.safe_pickle`, which resolves nothing but numpy's array
+reconstruction: a tampered file is refused instead of executed. The official benchmark pickles (this one
+and SfM-120k's) are the only files the project unpickles, all through that module.
 
 Queries are cropped to their box before embedding, as the protocol requires (see
 :class:`RevisitedImageDataset` for the rounding).
@@ -21,10 +22,8 @@ Queries are cropped to their box before embedding, as the protocol requires (see
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from PIL import Image
 from retrieval.data.datasets import DatasetError, FileImageDataset, Transform
 from retrieval.data.images import CorruptImageError
 from retrieval.data.labels import LabelSchema, LabelVocabulary
+from retrieval.data.safe_pickle import read_restricted_pickle
 
 __all__ = [
     "REVISITED_DATASETS",
@@ -147,10 +147,11 @@ class RevisitedDataset:
 def open_revisited(name: str, data_root: str | Path, *, require_images: bool = True) -> RevisitedDataset:
     """Open ROxford5k or RParis6k from ``data_root`` (or ``data_root/<name>/``).
 
-    This function is the project's single exception to "never unpickle": the official ground truth
-    ``gnd_<name>.pkl`` exists only as a pickle (it is the benchmark's official format), so it is read
-    here, and only here, with a restricted unpickler that accepts plain containers, numbers, strings
-    and numpy arrays and refuses any other global (so a tampered file cannot run code).
+    This function is one of the project's exceptions to "never unpickle" (with the SfM-120k loader): the
+    official ground truth ``gnd_<name>.pkl`` exists only as a pickle (it is the benchmark's official
+    format), so it is read with :func:`retrieval.data.safe_pickle.read_restricted_pickle`, whose unpickler
+    accepts plain containers, numbers, strings and numpy arrays and refuses any other global (so a
+    tampered file cannot run code).
 
     Args:
         name: ``"roxford5k"`` or ``"rparis6k"``.
@@ -184,54 +185,9 @@ def open_revisited(name: str, data_root: str | Path, *, require_images: bool = T
     return RevisitedDataset(name, root, queries, database, ground_truth, gnd_path)
 
 
-# The globals that pickles of numpy arrays and scalars name (numpy 2 moved numpy.core to numpy._core;
-# protocol 5 rebuilds arrays with _frombuffer), and the one protocol 0-2 use for bytes.
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
-    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
-    ("_codecs", "encode"),
-}
-_BUILTINS = {"dict", "list", "tuple", "str", "int", "float", "bytes"}
-
-
-def _safe_dtype(*args: Any) -> np.dtype:
-    """``numpy.dtype`` for the unpickler, refusing object dtypes (their items would be arbitrary objects)."""
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("object arrays are not allowed")
-    return dtype
-
-
-class _GroundTruthUnpickler(pickle.Unpickler):
-    """Resolves only numpy array reconstruction and a few builtin types; every other global is refused.
-
-    Dicts, lists, tuples, strings and numbers need no global at all; numpy arrays need the constructors
-    in ``_ALLOWED_GLOBALS``, whose arguments are themselves restricted (the array class must be
-    ``numpy.ndarray``, the dtype must not hold Python objects).
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            if name == "dtype":
-                return _safe_dtype
-            return super().find_class(module, name)
-        if module in ("builtins", "__builtin__") and name in _BUILTINS:
-            return super().find_class("builtins", name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
 def _read_ground_truth_pickle(path: Path) -> Any:
-    """Unpickle the official ground truth with :class:`_GroundTruthUnpickler` (see :func:`open_revisited`)."""
-    try:
-        data = path.read_bytes()
-        # latin1 lets Python 2 pickles of numpy arrays load; it changes nothing for Python 3 pickles.
-        return _GroundTruthUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
-        raise DatasetError(f"{path}: not an official ground-truth pickle ({exc})") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise DatasetError(f"{path}: unreadable ground-truth pickle ({type(exc).__name__}: {exc})") from None
+    """Unpickle the official ground truth with the restricted unpickler (see :func:`open_revisited`)."""
+    return read_restricted_pickle(path, "ground-truth")
 
 
 def _parse_ground_truth(path: Path, raw: Any) -> tuple[list[str], list[str], np.ndarray, list[QueryGroundTruth]]:

@@ -42,7 +42,7 @@ DYML_KS: tuple[int, ...] = (1, 10, 20)
 """The Recall@K cut-offs the DyML paper reports."""
 
 _LEVELS_KEY = "levels"
-_ARRAYS = ("query", "query_labels", "gallery", "gallery_labels")
+_ARRAYS = ("query", "query_labels", "gallery", "gallery_labels", "exclude_self")
 _LEVEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -61,10 +61,14 @@ class DymlLevelEmbeddings:
         gallery: ``(G, D)`` gallery embeddings in the same space, or ``None`` for leave-one-out over
             the queries (each query ranks all the other queries; the DyML-Product layout).
         gallery_labels: ``(G,)`` integer class ids at this level; given exactly when ``gallery`` is.
+        exclude_self: gallery item ``i`` is query item ``i`` embedded by another encoder (asymmetric
+            evaluation of a leave-one-out level: student queries, teacher gallery of the same images);
+            query ``i`` then never ranks gallery item ``i``. Needs a gallery of the queries' length.
 
     Raises:
-        ValueError: on wrong ranks, mismatched lengths or dimensions, non-integer labels, or a
-            gallery without labels (or labels without a gallery).
+        ValueError: on wrong ranks, mismatched lengths or dimensions, non-integer labels, a
+            gallery without labels (or labels without a gallery), or ``exclude_self`` without a
+            gallery of the queries' length.
     """
 
     level: str
@@ -72,6 +76,7 @@ class DymlLevelEmbeddings:
     query_labels: np.ndarray
     gallery: np.ndarray | None = None
     gallery_labels: np.ndarray | None = None
+    exclude_self: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.level, str) or not _LEVEL_NAME.match(self.level):
@@ -93,11 +98,13 @@ class DymlLevelEmbeddings:
                     "both must be embedded in the same space"
                 )
             _check_labels(self.gallery_labels, len(gallery), f"{where}: gallery_labels", "gallery")
+        if self.exclude_self and (self.gallery is None or len(np.asarray(self.gallery)) != len(query)):
+            raise ValueError(f"{where}: exclude_self needs a gallery of the same items as the queries ({len(query)})")
 
     @property
     def leave_one_out(self) -> bool:
-        """True when the level has no gallery and each query searches the other queries."""
-        return self.gallery is None
+        """True when each query searches the other items of its own set (no gallery, or ``exclude_self``)."""
+        return self.gallery is None or self.exclude_self
 
 
 def _check_labels(labels: object, expected: int, name: str, rows_of: str) -> None:
@@ -165,6 +172,7 @@ def evaluate_dyml(
                 ks=ks,
                 batch_size=batch_size,
                 asi=True,
+                exclude_self=entry.exclude_self,
             )
         except ValueError as exc:
             raise ValueError(f"level {entry.level!r}: {exc}") from exc
@@ -178,7 +186,8 @@ def save_dyml_embeddings(path: str | Path, levels: Sequence[DymlLevelEmbeddings]
     """Write the levels' embeddings and labels to one uncompressed ``.npz`` file.
 
     Keys are ``levels`` (the level names, in order) and ``<level>/query``, ``<level>/query_labels``,
-    plus ``<level>/gallery`` and ``<level>/gallery_labels`` for levels with a gallery. Embeddings are
+    plus ``<level>/gallery`` and ``<level>/gallery_labels`` for levels with a gallery, and a boolean
+    ``<level>/exclude_self`` for an asymmetric leave-one-out level. Embeddings are
     stored as float32 and labels as int64; nothing is pickled. ``np.savez`` appends ``.npz`` to a
     path without that suffix; the returned path is the file actually written.
 
@@ -198,6 +207,8 @@ def save_dyml_embeddings(path: str | Path, levels: Sequence[DymlLevelEmbeddings]
         if entry.gallery is not None:
             arrays[f"{entry.level}/gallery"] = np.asarray(entry.gallery, dtype=np.float32)
             arrays[f"{entry.level}/gallery_labels"] = np.asarray(entry.gallery_labels, dtype=np.int64)
+        if entry.exclude_self:
+            arrays[f"{entry.level}/exclude_self"] = np.array(True)
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
@@ -248,6 +259,8 @@ def load_dyml_embeddings(path: str | Path) -> list[DymlLevelEmbeddings]:
             gallery_labels = (
                 _read(archive, path, f"{name}/gallery_labels") if f"{name}/gallery_labels" in keys else None
             )
+            flag = f"{name}/exclude_self"
+            exclude_self = _read_flag(archive, path, flag) if flag in keys else False
             try:
                 levels.append(
                     DymlLevelEmbeddings(
@@ -256,6 +269,7 @@ def load_dyml_embeddings(path: str | Path) -> list[DymlLevelEmbeddings]:
                         query_labels=_read(archive, path, f"{name}/query_labels"),
                         gallery=gallery,
                         gallery_labels=gallery_labels,
+                        exclude_self=exclude_self,
                     )
                 )
             except ValueError as exc:
@@ -268,3 +282,10 @@ def _read(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         return archive[key]
     except ValueError as exc:  # object arrays need pickle, which is refused
         raise DymlEmbeddingsError(f"{path}: cannot read array {key!r} without unpickling ({exc})") from None
+
+
+def _read_flag(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> bool:
+    value = _read(archive, path, key)
+    if value.shape != () or value.dtype != np.bool_:
+        raise DymlEmbeddingsError(f"{path}: {key!r} must be a single boolean, got {value.dtype} {value.shape}")
+    return bool(value)

@@ -44,6 +44,7 @@ def evaluate_embeddings(
     levels: Sequence[str] | None = None,
     *,
     asi: bool = False,
+    exclude_self: bool = False,
 ) -> EvaluationReport:
     """Recall@K (hit rate) and all-positives mAP per label level, and their mean over levels.
 
@@ -55,7 +56,13 @@ def evaluate_embeddings(
 
     Leave-one-out (no gallery given): each query ranks all the *other* query items; it never
     retrieves itself. With a gallery, each query ranks the whole gallery (if the same images are in
-    both, they are not removed; pass no gallery for that case).
+    both, they are not removed; pass no gallery for that case, or ``exclude_self``).
+
+    Asymmetric leave-one-out (``exclude_self``): the gallery holds the *same* items as the queries, in
+    the same order, embedded by another encoder (AML: student queries, teacher gallery). Query ``i``
+    then ranks every gallery item but ``i``, exactly as leave-one-out drops the diagonal; otherwise
+    each query would find its own teacher embedding first and R@1 would measure distillation, not
+    retrieval. With ``gallery_emb = query_emb`` the result is the leave-one-out one.
 
     Queries with no relevant item at a level (a singleton class in leave-one-out, or a class absent
     from the gallery) have undefined R@K and AP there: they are left out of that level's means, and
@@ -75,19 +82,25 @@ def evaluate_embeddings(
         levels: evaluate only these levels (names from the schema); default all.
         asi: also report the DyML Average Search Index as an ``"ASI"`` column after ``"mAP"``
             (computed in the same pass over the chunks, from the same rankings).
+        exclude_self: gallery item ``i`` is query item ``i`` (see above) and is left out of query
+            ``i``'s ranking. Needs a gallery of the queries' length; ``gallery_labels`` may then be
+            omitted (they are the query labels) and, if given, must equal them.
 
     Returns:
         An :class:`EvaluationReport` with values in [0, 1].
 
     Raises:
         ValueError: on mismatched shapes, non-integer labels, non-finite embeddings, bad ``ks`` or
-            ``batch_size``, or a leave-one-out set with fewer than two items.
+            ``batch_size``, a leave-one-out set with fewer than two items, or ``exclude_self`` without
+            a gallery, with a gallery of another length or with labels that differ from the queries'.
     """
     queries = as_embeddings(query_emb, "query_emb")
     if len(queries) == 0:
         raise ValueError("query_emb is empty; there is nothing to evaluate")
     q_labels = as_labels(query_labels, "query_labels", len(queries))
     leave_one_out = gallery_emb is None
+    if exclude_self:
+        gallery_labels = _self_gallery_labels(q_labels, gallery_emb, gallery_labels)
     if leave_one_out:
         if gallery_labels is not None:
             raise ValueError("gallery_labels was given without gallery_emb; pass both or neither")
@@ -122,7 +135,15 @@ def evaluate_embeddings(
 
     num_queries = len(queries)
     first, ap, asi_values = _first_hits_and_ap(
-        queries, q_labels, gallery, g_labels, columns, leave_one_out, int(batch_size), asi=asi
+        queries,
+        q_labels,
+        gallery,
+        g_labels,
+        columns,
+        int(batch_size),
+        shared_labels=leave_one_out,
+        exclude_diagonal=leave_one_out or exclude_self,
+        asi=asi,
     )
 
     per_level: dict[str, dict[str, float]] = {}
@@ -154,23 +175,26 @@ def _first_hits_and_ap(
     gallery: np.ndarray,
     g_labels: np.ndarray,
     columns: list[int],
-    leave_one_out: bool,
     batch_size: int,
     *,
+    shared_labels: bool,
+    exclude_diagonal: bool,
     asi: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per level and query: 0-based rank of the first relevant item (-1 if none), AP and ASI (NaN if none).
 
-    ASI is ``None`` unless ``asi`` is set.
+    ASI is ``None`` unless ``asi`` is set. ``shared_labels``: the gallery labels are the query labels
+    (leave-one-out). ``exclude_diagonal``: query ``i`` never ranks gallery item ``i`` (leave-one-out,
+    and ``exclude_self``).
 
     Keeping per-query values (not running sums) makes the final means independent of the chunking.
     All ``(chunk, G)`` buffers are allocated once and reused, which dominates the run time otherwise.
     """
     num_queries, width = len(queries), len(gallery)
     rows = min(batch_size, num_queries)
-    q_codes, g_codes = _label_codes(q_labels, g_labels, columns, leave_one_out)
+    q_codes, g_codes = _label_codes(q_labels, g_labels, columns, shared_labels)
     scores = np.empty((rows, width), dtype=np.float32)
-    ranked_labels = np.empty((rows, width - int(leave_one_out)), dtype=np.int32)
+    ranked_labels = np.empty((rows, width - int(exclude_diagonal)), dtype=np.int32)
     relevance = np.empty(ranked_labels.shape, dtype=bool)
     workspace = RankWorkspace()
     first = np.full((len(columns), num_queries), -1, dtype=np.int64)
@@ -180,7 +204,7 @@ def _first_hits_and_ap(
         stop = min(start + batch_size, num_queries)
         chunk = stop - start
         np.matmul(queries[start:stop], gallery.T, out=scores[:chunk])
-        exclude = np.arange(start, stop) if leave_one_out else None
+        exclude = np.arange(start, stop) if exclude_diagonal else None
         ranking = rank_by_similarity(scores[:chunk], exclude, workspace=workspace)
         for row in range(len(columns)):
             np.take(g_codes[row], ranking, out=ranked_labels[:chunk], mode="clip")
@@ -192,14 +216,39 @@ def _first_hits_and_ap(
     return first, ap, asi_values
 
 
+def _self_gallery_labels(q_labels: np.ndarray, gallery_emb: Any | None, gallery_labels: Any | None) -> np.ndarray:
+    """The gallery labels of an ``exclude_self`` evaluation: the query labels, after checking the pairing.
+
+    Row ``i`` of both sides must be the same item; a gallery of another length, or labels that
+    differ, mean the two sides were not embedded from one list, and excluding "self" would drop an
+    unrelated item.
+    """
+    if gallery_emb is None:
+        raise ValueError("exclude_self needs gallery_emb (the same items embedded by the gallery encoder)")
+    num_gallery = len(_to_numpy(gallery_emb))
+    if num_gallery != len(q_labels):
+        raise ValueError(
+            f"exclude_self pairs query i with gallery item i, but there are {len(q_labels)} queries "
+            f"and {num_gallery} gallery items"
+        )
+    if len(q_labels) < 2:
+        raise ValueError("exclude_self evaluation needs at least 2 items (each query searches the others)")
+    if gallery_labels is None:
+        return q_labels
+    g_labels = as_labels(gallery_labels, "gallery_labels", num_gallery)
+    if g_labels.shape != q_labels.shape or not np.array_equal(g_labels, q_labels):
+        raise ValueError("exclude_self pairs query i with gallery item i, but gallery_labels differ from query_labels")
+    return g_labels
+
+
 def _label_codes(
-    q_labels: np.ndarray, g_labels: np.ndarray, columns: list[int], leave_one_out: bool
+    q_labels: np.ndarray, g_labels: np.ndarray, columns: list[int], shared: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Relabel each level with small int32 codes shared by queries and gallery (halves the gather traffic)."""
     q_codes = np.empty((len(columns), len(q_labels)), dtype=np.int32)
     g_codes = np.empty((len(columns), len(g_labels)), dtype=np.int32)
     for row, column in enumerate(columns):
-        if leave_one_out:
+        if shared:
             q_codes[row] = g_codes[row] = np.unique(q_labels[:, column], return_inverse=True)[1]
         else:
             _, codes = np.unique(np.concatenate([q_labels[:, column], g_labels[:, column]]), return_inverse=True)

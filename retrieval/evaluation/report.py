@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EvaluationReport"]
+__all__ = ["EvaluationReport", "format_side_by_side"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,53 @@ class EvaluationReport:
         title = f"Retrieval metrics in % (R@K = hit rate, mAP over all positives), {self.num_queries} queries"
         rule = "-" * len(line(header))
         return "\n".join([title, line(header), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])
+
+
+def format_side_by_side(reports: Mapping[str, EvaluationReport], title: str | None = None) -> str:
+    """One plain-text table of several reports of the same levels and metrics, one column group each.
+
+    Comparing runs of one protocol (a student alone, the student against its teacher's gallery, the
+    teacher) is the point of printing them together: reading three separate tables invites misreading
+    which number belongs to which run. Values are percentages as in :meth:`EvaluationReport.format_table`;
+    the last row is each report's mean over levels.
+
+    Args:
+        reports: ``{name: report}``, group headers in the given order.
+        title: first line; default names the metrics and the (first report's) number of queries.
+
+    Raises:
+        ValueError: no reports, or reports whose levels or metric names differ.
+    """
+    if not reports:
+        raise ValueError("format_side_by_side needs at least one report")
+    first = next(iter(reports.values()))
+    levels, names = first.levels, first.metric_names
+    for name, report in reports.items():
+        if report.levels != levels or report.metric_names != names:
+            raise ValueError(
+                f"report {name!r} has levels {report.levels} and metrics {report.metric_names}, "
+                f"the first has {levels} and {names}; only reports of one protocol can be compared"
+            )
+    header = ["level", *(metric for _ in reports for metric in names)]
+    rows = [[level, *(_percent(r.per_level[level][m]) for r in reports.values() for m in names)] for level in levels]
+    rows.append(["mean", *(_percent(r.mean[m]) for r in reports.values() for m in names)])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    group = len(names)
+
+    def line(cells: list[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        for g in range(len(reports)):
+            cols = range(1 + g * group, 1 + (g + 1) * group)
+            parts.append("  ".join(cells[i].rjust(widths[i]) for i in cols))
+        return " | ".join(parts).rstrip()
+
+    group_widths = [len(part) for part in line(header).split(" | ")]
+    top = " | ".join(
+        [" " * group_widths[0], *(name.ljust(w) for name, w in zip(reports, group_widths[1:], strict=True))]
+    ).rstrip()
+    title = title or f"Retrieval metrics in % (R@K = hit rate, mAP over all positives), {first.num_queries} queries"
+    rule = "-" * len(line(header))
+    return "\n".join([title, top, line(header), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])
 
 
 def _json_floats(metrics: Mapping[str, float]) -> dict[str, float | None]:

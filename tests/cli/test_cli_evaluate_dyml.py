@@ -163,3 +163,76 @@ def test_bad_arguments_are_one_line_errors(tiny_checkpoint, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         output = " ".join(result.output.replace("│", " ").split())  # undo the terminal's line wrapping
         assert expected in output and "Traceback" not in output, (args, result.output)
+
+
+# --- --query-encoder: a student's symmetric and asymmetric numbers beside its teacher's ---
+
+
+def _product_root(root: Path) -> Path:
+    """A miniature DyML-Product layout: one image set, leave-one-out at every level."""
+    folder = root / "mini-bmk_all_in_one"
+    rows = [(f"{i}.jpg", i // 6, i // 3, i // 2) for i in range(12)]  # coarse, middle, fine ids
+    for seed, (name, *_) in enumerate(rows):
+        _image(folder / "imgs" / name, 100 + seed)
+    lines = [f"{name}, {coarse}, {middle}, {fine}" for name, coarse, middle, fine in rows]
+    (folder / "label.csv").write_text("fname, coarse_id, middle_id, fine_id\n" + "\n".join(lines) + "\n")
+    return root
+
+
+def test_query_encoder_on_vehicle_layout_reports_three_modes(vehicle_root, tiny_checkpoint, make_student, monkeypatch):
+    from models import read_checkpoint_info
+
+    student = make_student(tiny_checkpoint)
+    embedded = _count_embedded(monkeypatch)
+    common = ["--data-root", str(vehicle_root), "--ks", "1,2"]
+    report = _run([*common, "--encoder", str(tiny_checkpoint), "--query-encoder", str(student)])
+    files = sum(len(q) + len(g) for q, g in VEHICLE.values())
+    assert sum(embedded) == 2 * files  # every file once per encoder
+    assert report["mode"] == "asymmetric" and report["skipped"] == 1
+    assert report["encoder_id"] == read_checkpoint_info(tiny_checkpoint).encoder_id
+    assert report["query_encoder_id"] == read_checkpoint_info(student).encoder_id
+    teacher_alone = _run([*common, "--encoder", str(tiny_checkpoint)])
+    student_alone = _run([*common, "--encoder", str(student)])
+    for mode, alone in (("teacher", teacher_alone), ("symmetric", student_alone)):
+        assert report[mode]["per_level"] == alone["per_level"] and report[mode]["mean"] == alone["mean"]
+    assert list(report["asymmetric"]["per_level"]["fine"]) == ["R@1", "R@2", "mAP", "ASI"]
+    assert report["asymmetric"]["per_level"] != report["symmetric"]["per_level"]
+    assert report["queries_per_level"] == {"fine": 4, "middle": 3, "coarse": 2}
+
+    table = runner.invoke(app, ["evaluate", "dyml", *common, "--encoder", str(tiny_checkpoint),
+                                "--query-encoder", str(student)])  # fmt: skip
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert any(line.split("|")[1:] and "symmetric" in line and "asymmetric" in line for line in lines)
+    assert "ASI" in table.output and "skipped 1 unreadable" in table.output
+
+
+def test_query_encoder_equal_to_the_encoder_scores_the_same_in_every_mode(tiny_checkpoint, tmp_path):
+    # On the Product layout the asymmetric mode is leave-one-out against the teacher's copies of the
+    # queries: with the teacher as its own query encoder it must equal plain leave-one-out exactly.
+    root = _product_root(tmp_path)
+    ckpt = str(tiny_checkpoint)
+    report = _run(["--data-root", str(root), "--encoder", ckpt, "--query-encoder", ckpt])
+    assert report["symmetric"] == report["asymmetric"] == report["teacher"]
+    assert report["teacher"]["per_level"] == _run(["--data-root", str(root), "--encoder", ckpt])["per_level"]
+
+
+def test_query_encoder_of_another_teacher_is_refused(vehicle_root, tiny_checkpoint, make_student, tmp_path):
+    from models import read_checkpoint_info
+
+    stranger = make_student("feedfacefeedface", seed=8)
+    ckpt = str(tiny_checkpoint)
+    result = runner.invoke(
+        app, ["evaluate", "dyml", "--data-root", str(vehicle_root), "--encoder", ckpt, "--query-encoder", str(stranger)]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    output = " ".join(result.output.split())
+    assert read_checkpoint_info(stranger).encoder_id in output and read_checkpoint_info(ckpt).encoder_id in output
+    saved = save_dyml_embeddings(tmp_path / "e.npz", [DymlLevelEmbeddings("fine", np.eye(2), np.zeros(2, int))])
+    both = ["--data-root", str(vehicle_root), "--encoder", ckpt, "--query-encoder", ckpt]
+    for args, expected in (
+        (["--embeddings", str(saved), "--query-encoder", ckpt], "--query-encoder needs --data-root"),
+        ([*both, "--save-embeddings", str(tmp_path / "o.npz")], "stores one encoder's embeddings"),
+    ):
+        result = runner.invoke(app, ["evaluate", "dyml", *args])
+        assert result.exit_code == 2 and expected in " ".join(result.output.replace("│", " ").split()), result.output

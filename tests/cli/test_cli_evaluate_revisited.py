@@ -127,17 +127,32 @@ def test_encoder_run_writes_the_cache_and_a_rerun_reuses_it(oxford_root, tiny_ch
     assert plus["distractors"] == 4 and plus["num_database"] == 10
 
 
-def test_asymmetric_mode_embeds_queries_with_the_query_encoder(
-    oxford_root, tiny_checkpoint, make_checkpoint, monkeypatch
-):
-    student = make_checkpoint(1)
+def test_asymmetric_mode_embeds_queries_with_the_query_encoder(oxford_root, tiny_checkpoint, make_student, monkeypatch):
+    from models import read_checkpoint_info
+
+    teacher_id = read_checkpoint_info(tiny_checkpoint).encoder_id
+    student = make_student(tiny_checkpoint)
     encoders: list[str] = []
     sizes = _count_extractions(monkeypatch, encoders)
     args = ["--data-root", str(oxford_root), "--encoder", str(tiny_checkpoint), "--query-encoder", str(student)]
     report = _run_json([*args, *FAST])
-    assert report["mode"] == "asymmetric" and report["query_encoder_id"] != report["encoder_id"]
+    assert report["mode"] == "asymmetric" and report["query_encoder_id"] != report["encoder_id"] == teacher_id
     assert list(zip(sizes, encoders, strict=True)) == [(2, report["query_encoder_id"]), (6, report["encoder_id"])]
-    assert "not distilled against the database encoder" in " ".join(report["notes"])
+    assert report["notes"] == []
+
+
+def test_asymmetric_mode_refuses_a_student_of_another_teacher(oxford_root, tiny_checkpoint, make_student, monkeypatch):
+    from models import read_checkpoint_info
+
+    stranger = make_student("0123456789abcdef", seed=4)
+    sizes = _count_extractions(monkeypatch)
+    args = ["--data-root", str(oxford_root), "--encoder", str(tiny_checkpoint), "--query-encoder", str(stranger)]
+    result = _invoke([*args, *FAST])
+    assert result.exit_code == 2 and "Traceback" not in result.output and sizes == []  # refused before extracting
+    message = _flat(result.output)
+    for encoder_id in (read_checkpoint_info(stranger).encoder_id, read_checkpoint_info(tiny_checkpoint).encoder_id):
+        assert encoder_id in message
+    assert "teacher 0123456789abcdef" in message and "not distilled against" in message
 
 
 def test_asymmetric_mode_needs_the_same_dimension(oxford_root, tiny_checkpoint, tiny_encoder_config, tmp_path):

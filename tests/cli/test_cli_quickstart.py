@@ -19,6 +19,8 @@ SHORT = [
     "--set", "data.synthetic.train_per_class=6",
     "--set", "data.synthetic.val_per_class=2",
     "--set", "data.synthetic.test_per_class=4",
+    "--student-set", "schedule.max_steps=10",
+    "--student-set", "model.preprocess.input_size=32",
 ]  # fmt: skip
 
 
@@ -42,6 +44,19 @@ def test_quickstart_reports_every_level_and_beats_chance(quickstart_run):
     assert report["training"]["onnx_min_cosine"] >= 0.9999
 
 
+def test_quickstart_distils_a_student_into_the_teachers_space(quickstart_run):
+    _, report = quickstart_run
+    student, teacher_id = report["student"], report["training"]["encoder_id"]
+    assert student["steps"] == 10 and student["onnx_min_cosine"] >= 0.9999
+    assert set(student["evaluation"]) == {"symmetric", "asymmetric"}
+    assert list(student["evaluation"]["asymmetric"]["per_level"]) == ["fine", "middle", "coarse"]
+    assert student["latency"]["student_ms"] > 0 and student["latency"]["teacher_ms"] > 0
+    from serving.onnx_metadata import read_onnx_metadata
+
+    metadata = read_onnx_metadata(report["paths"]["query_encoder"])
+    assert metadata.teacher_id == teacher_id and metadata.encoder_id != teacher_id
+
+
 def test_quickstart_leaves_usable_artifacts(quickstart_run):
     work, report = quickstart_run
     paths = report["paths"]
@@ -57,11 +72,15 @@ def test_quickstart_leaves_usable_artifacts(quickstart_run):
     assert json.loads(info.stdout)["count"] > 0
 
     query = report["samples"][0]["query"]
-    args = ["search", "--index", paths["index"], "--query-encoder", paths["query_encoder"], query, "--k", "3", "--json"]
-    searched = runner.invoke(app, args)
-    assert searched.exit_code == 0, searched.output
-    hits = json.loads(searched.stdout)["results"][0]["hits"]
-    assert len(hits) == 3 and hits[0]["path"] == query  # a gallery image finds itself first
+    for encoder in ("gallery_encoder_onnx", "query_encoder"):  # the teacher's export, then the student's
+        args = ["search", "--index", paths["index"], "--query-encoder", paths[encoder], query, "--k", "3", "--json"]
+        searched = runner.invoke(app, args)
+        assert searched.exit_code == 0, searched.output
+        hits = json.loads(searched.stdout)["results"][0]["hits"]
+        assert len(hits) == 3
+    teacher_args = ["search", "--index", paths["index"], "--query-encoder", paths["gallery_encoder_onnx"], query]
+    searched = runner.invoke(app, [*teacher_args, "--k", "1", "--json"])
+    assert json.loads(searched.stdout)["results"][0]["hits"][0]["path"] == query  # a gallery image finds itself
 
 
 def test_search_reports_a_corrupt_query_without_a_traceback(quickstart_run, tmp_path):

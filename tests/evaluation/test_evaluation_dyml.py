@@ -184,6 +184,8 @@ def test_evaluate_dyml_rejects_bad_levels():
         ({"query": ARC[0]}, r"shape \(Q, D\)"),
         ({"gallery": ARC}, "given together"),
         ({"level": "a/b"}, "level name"),
+        ({"exclude_self": True}, "exclude_self needs a gallery of the same items"),
+        ({"gallery": ARC[:3], "gallery_labels": np.arange(3), "exclude_self": True}, "same items as the queries"),
     ],
 )
 def test_level_embeddings_validate_shapes(kwargs, message):
@@ -245,6 +247,7 @@ def _arrays(**changes):
         (_arrays(levels=np.array(["fine", "fine"])), "level names repeat"),
         (_arrays(levels=np.array([1, 2])), "non-empty 1-D array of level names"),
         (_arrays(**{"fine/query_labels": np.array([1, 0], dtype=object)}), "without unpickling"),
+        (_arrays(**{"fine/exclude_self": np.array([1, 0])}), "'fine/exclude_self' must be a single boolean"),
     ],
 )
 def test_npz_load_errors_name_file_and_array(tmp_path, arrays, message):
@@ -266,3 +269,25 @@ def test_npz_load_rejects_other_files(tmp_path):
         load_dyml_embeddings(tmp_path / "single.npy")
     with pytest.raises(ValueError, match="unique"):
         save_dyml_embeddings(tmp_path / "x.npz", [_hand_levels()[0]] * 2)
+
+
+def test_exclude_self_level_is_asymmetric_leave_one_out_and_round_trips(tmp_path):
+    rng = np.random.default_rng(4)
+    student = rng.normal(size=(24, 6)).astype(np.float32)
+    teacher = student + 0.5 * rng.normal(size=student.shape).astype(np.float32)
+    student /= np.linalg.norm(student, axis=1, keepdims=True)
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    labels = rng.integers(0, 5, size=24)
+    level = DymlLevelEmbeddings("coarse", student, labels, teacher, labels, exclude_self=True)
+    assert level.leave_one_out
+    report = evaluate_dyml([level], ks=(1, 5))
+    expected = evaluate_embeddings(student, labels, teacher, labels, schema=("coarse",), ks=(1, 5), asi=True,
+                                   exclude_self=True)  # fmt: skip
+    assert report.per_level == expected.per_level
+    same = DymlLevelEmbeddings("coarse", teacher, labels, teacher, labels, exclude_self=True)
+    assert evaluate_dyml([same]) == evaluate_dyml([DymlLevelEmbeddings("coarse", teacher, labels)])
+
+    path = save_dyml_embeddings(tmp_path / "asym.npz", [*_hand_levels()[:1], level])
+    loaded = load_dyml_embeddings(path)
+    assert [entry.exclude_self for entry in loaded] == [False, True]
+    assert evaluate_dyml(loaded, ks=(1, 5)).per_level["coarse"] == report.per_level["coarse"]

@@ -187,3 +187,68 @@ def test_bad_input_is_reported_clearly(kwargs, message):
     arguments = {"query_emb": ARC, "query_labels": np.zeros((4, 1), dtype=np.int64), **kwargs}
     with pytest.raises(ValueError, match=message):
         evaluate_embeddings(**arguments)
+
+
+# --- exclude_self: the asymmetric leave-one-out (student queries, teacher gallery of the same items) ---
+
+
+def test_exclude_self_with_the_queries_as_gallery_is_leave_one_out_exactly():
+    emb, labels = _grid_data(157, seed=3)  # many exact ties: the tie rule must agree too
+    for asi in (False, True):
+        leave_one_out = evaluate_embeddings(emb, labels, ks=(1, 5, 10), batch_size=32, asi=asi)
+        paired = evaluate_embeddings(emb, labels, emb.copy(), labels, ks=(1, 5, 10), batch_size=32, asi=asi,
+                                     exclude_self=True)  # fmt: skip
+        assert paired == leave_one_out
+        omitted = evaluate_embeddings(emb, labels, emb, ks=(1, 5, 10), batch_size=7, asi=asi, exclude_self=True)
+        assert omitted == leave_one_out  # gallery_labels default to the query labels; chunking changes nothing
+
+
+def test_exclude_self_hand_worked_asymmetric_case():
+    # Student queries = ARC; teacher gallery = the same four items embedded elsewhere (unit vectors):
+    teacher = np.array([[0.96, 0.28], [0.8, 0.6], [0.0, 1.0], [0.28, 0.96]], dtype=np.float32)
+    labels = np.array([[0, 0], [1, 0], [0, 0], [1, 0]], dtype=np.int64)  # fine, coarse
+    # Query i against the teacher gallery without item i (fine relevance in brackets):
+    #   q0: t1 .8 [0], t3 .28 [0], t2 0 [1]      -> first hit rank 3, AP = 1/3
+    #   q1: t0 .936 [0], t3 .8 [1], t2 .6 [0]    -> first hit rank 2, AP = 1/2
+    #   q2: t1 .96 [0], t3 .936 [0], t0 .8 [1]  -> first hit rank 3, AP = 1/3
+    #   q3: t2 1.0 [0], t1 .6 [1], t0 .28 [0]   -> first hit rank 2, AP = 1/2
+    # Without the exclusion q0 and q1 would find their own teacher embedding first (.96 and 1.0).
+    report = evaluate_embeddings(ARC, labels, teacher, labels, schema=("fine", "coarse"), ks=(1, 2, 3),
+                                 exclude_self=True)  # fmt: skip
+    assert report.per_level["fine"] == pytest.approx({"R@1": 0.0, "R@2": 0.5, "R@3": 1.0, "mAP": 5 / 12})
+    assert report.per_level["coarse"] == pytest.approx({"R@1": 1.0, "R@2": 1.0, "R@3": 1.0, "mAP": 1.0})
+    assert report.counted == {"fine": 4, "coarse": 4} and report.num_queries == 4
+    plain = evaluate_embeddings(ARC, labels, teacher, labels, schema=("fine", "coarse"), ks=(1, 2, 3))
+    assert plain.per_level["fine"]["R@1"] == 0.5  # q0 and q1 retrieve themselves
+
+
+def test_exclude_self_matches_naive_loop_reference():
+    rng = np.random.default_rng(11)
+    student = rng.normal(size=(60, 8)).astype(np.float32)
+    teacher = student + 0.5 * rng.normal(size=student.shape).astype(np.float32)
+    student /= np.linalg.norm(student, axis=1, keepdims=True)
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    fine = rng.integers(0, 15, size=60)
+    labels = np.stack([fine, fine // 5], axis=1)
+    ks = (1, 2, 4, 8)
+    report = evaluate_embeddings(student, labels, teacher, labels, schema=("fine", "coarse"), ks=ks, batch_size=9,
+                                 exclude_self=True)  # fmt: skip
+    scores = student @ teacher.T
+    for column, level in enumerate(("fine", "coarse")):
+        expected = _naive_level_metrics(scores, labels[:, column], labels[:, column], ks, leave_one_out=True)
+        assert report.per_level[level] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("gallery", "gallery_labels", "message"),
+    [
+        (None, None, "exclude_self needs gallery_emb"),
+        (ARC[:3], None, "there are 4 queries and 3 gallery items"),
+        (ARC, np.array([0, 1, 1, 1]), "gallery_labels differ from query_labels"),
+    ],
+)
+def test_exclude_self_refuses_unpaired_sides(gallery, gallery_labels, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_embeddings(ARC, np.array([0, 1, 0, 1]), gallery, gallery_labels, exclude_self=True)
+    with pytest.raises(ValueError, match="at least 2 items"):
+        evaluate_embeddings(ARC[:1], [0], ARC[:1], [0], exclude_self=True)

@@ -7,7 +7,7 @@ import pytest
 
 from retrieval.config import load_config
 from retrieval.data.synthetic import SyntheticConfig, generate_split
-from training.config import TrainConfig
+from training.config import DistillConfig, TrainConfig, load_recipe_config
 from training.losses import create_loss
 from training.recipe_paths import available_recipes, recipe_path
 from training.trainer import train
@@ -15,11 +15,13 @@ from training.trainer import train
 
 def test_the_issue_recipes_are_packaged():
     assert {"quickstart", "csl-synthetic-cpu", "csl-resnet34-dyml", "cosface-multiscale"} <= set(available_recipes())
+    assert {"aml-synthetic-cpu", "aml-effnetb3-glam"} <= set(available_recipes())
 
 
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_recipe_validates_and_builds_its_loss(name):
-    config = load_config(TrainConfig, recipe_path(name))
+    config = load_recipe_config(recipe_path(name))
+    assert isinstance(config, DistillConfig) == name.startswith("aml-")
     hierarchy = np.array([[f, f // 2, f // 4] for f in range(8)])
     params = dict(config.loss.params)
     if "levels" in params:

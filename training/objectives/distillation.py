@@ -29,7 +29,7 @@ from models.devices import resolve_device
 from models.encoder import Encoder
 from retrieval.config import ConfigError
 from retrieval.data.datasets import LabelledImageDataset
-from retrieval.evaluation.protocols import evaluate_embeddings
+from retrieval.evaluation.asymmetric import ASYMMETRIC, evaluate_asymmetric
 from retrieval.evaluation.report import EvaluationReport
 from training.embedding import embed_dataset
 from training.losses import create_loss, is_distillation_loss
@@ -87,7 +87,7 @@ class DistillationObjective(TrainingObjective):
         num_classes = [train_dataset.vocab.num_classes(k) for k in range(train_dataset.schema.num_levels)]
         self.loss_fn = create_loss(config.loss.name, num_classes, student_config.embedding_dim, **config.loss.params)
         self.cache = self._open_cache(train_dataset, device)
-        self._table = torch.from_numpy(np.asarray(self.cache.embeddings))  # a view of the memory map
+        self._table = torch.from_numpy(self.cache.embeddings)  # a view of the memory map, read lazily
         positives = _official_positives(train_dataset)
         self.miner = AsymmetricTupleMiner(
             train_dataset.level_labels(0), distill.num_negatives, distill.pool_size, config.seed, positives
@@ -144,13 +144,8 @@ class DistillationObjective(TrainingObjective):
         if self._val_teacher is None or self._val_teacher[0] != id(dataset):
             self._val_teacher = (id(dataset), embed(self.teacher, dataset))
         teacher = self._val_teacher[1]
-        labels, schema = dataset.labels, dataset.schema
-        asymmetric = evaluate_embeddings(student, labels, teacher, labels, schema=schema, exclude_self=True)
-        self.last_reports = {
-            "asymmetric": asymmetric,
-            "symmetric": evaluate_embeddings(student, labels, schema=schema),
-            "teacher": evaluate_embeddings(teacher, labels, schema=schema),
-        }
+        self.last_reports = evaluate_asymmetric(student, teacher, dataset.labels, schema=dataset.schema)
+        asymmetric = self.last_reports[ASYMMETRIC]
         return asymmetric
 
     def provenance(self) -> dict[str, Any]:
@@ -200,6 +195,11 @@ class DistillationObjective(TrainingObjective):
 def _student_config(config: DistillConfig, teacher: Encoder) -> Any:
     """The student's architecture: the recipe's ``model`` in the teacher's dimension, recording the teacher."""
     model = config.model
+    if model.projection == "before_pooling" and teacher.config.projection == "after_pooling":
+        logger.warning(
+            "the student projects before GeM, so its vectors are non-negative, but the teacher ends in a linear "
+            "layer (a signed space the student cannot reach); model.projection: after_pooling fits this teacher"
+        )
     if model.embedding_dim != teacher.embedding_dim:
         logger.info(
             "student embedding_dim set to the teacher's %d (recipe: %d)", teacher.embedding_dim, model.embedding_dim

@@ -1,0 +1,82 @@
+"""``retrieval distill``: distil a small query encoder (student) into a gallery encoder's (teacher's) space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from retrieval.cli.common import console, print_json, user_errors
+
+
+def distill(
+    config: str = typer.Option(
+        "aml-synthetic-cpu",
+        "--config",
+        "-c",
+        help="A distillation recipe YAML file, or a packaged one (aml-synthetic-cpu, aml-effnetb3-glam).",
+    ),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", help="The teacher's encoder checkpoint: the encoder that builds (built) the gallery index."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: --set loss.name=aml_contrastive_plus."),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (overrides out_dir in the recipe)."),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="Local pretrained weights for the student's backbone (safetensors or .pth)."
+    ),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoints/last if present."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (and the evaluations) as JSON."),
+) -> None:
+    """Train a student query encoder with Asymmetric Metric Learning against a frozen teacher.
+
+    The teacher embeds the training images once (cached under OUT/teacher-cache, keyed by teacher and data);
+    the student (the recipe's `model`, projected to the teacher's dimension) learns to embed queries into the
+    teacher's space with the recipe's distillation loss (aml_regression, aml_contrastive, aml_contrastive_plus,
+    aml_triplet, aml_multisimilarity, rkd, darkrank). OUT/encoder is the student; it records the teacher's id,
+    so `retrieval search --index INDEX --query-encoder OUT/encoder` accepts it for the teacher's index only.
+    With validation data, the student is scored asymmetrically (student queries, teacher gallery) and
+    symmetrically, beside the teacher.
+    """
+    with user_errors():
+        from retrieval.config import ConfigError
+        from training.config import DistillConfig, load_recipe_config
+        from training.data_factory import build_datasets
+        from training.recipe_paths import find_recipe
+        from training.trainer import Trainer
+
+        overrides = [*set_, *([f"out_dir={out}"] if out is not None else [])]
+        if teacher is not None:
+            overrides.append(f"distill.teacher={teacher}")
+        if weights is not None:
+            overrides.append(f"backbone_weights={weights}")
+        cfg = load_recipe_config(find_recipe(config), overrides)
+        if not isinstance(cfg, DistillConfig):
+            raise ConfigError(f"{config} is not a distillation recipe (objective {cfg.objective}); use retrieval train")
+        train_dataset, val_dataset = build_datasets(cfg.data)
+        trainer = Trainer(cfg, train_dataset, val_dataset, progress=not as_json)
+        result = trainer.fit(resume=resume)
+        reports = getattr(trainer.objective, "last_reports", {})
+        teacher_id = trainer.encoder.config.teacher_id
+    summary = {
+        **result.to_dict(),
+        "teacher_id": teacher_id,
+        "evaluation": {mode: report.to_dict() for mode, report in reports.items()},
+    }
+    if as_json:
+        print_json(summary)
+        return
+    for mode, report in reports.items():
+        console.print(f"[bold]{mode}[/] ({_describe(mode)})", highlight=False)
+        console.print(report.format_table(), highlight=False)
+    console.print(
+        f"{summary['steps']} steps ({summary['stopped']}), {summary['seconds']:.0f}s this run; "
+        f"student: {summary['encoder_path']} (teacher {summary['teacher_id']})"
+    )
+
+
+def _describe(mode: str) -> str:
+    return {
+        "asymmetric": "student queries, teacher gallery",
+        "symmetric": "student on both sides",
+        "teacher": "teacher on both sides",
+    }.get(mode, mode)
