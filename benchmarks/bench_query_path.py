@@ -10,7 +10,8 @@ latency is at most 1/8 of the teacher's (ratio <= 0.125) at the same batch size 
 
 Both encoders are built from random weights (``pretrained=False``; latency and FLOPs do not depend on the
 values): the teacher is GLAM-ResNet101-GeM with a 512-d head at its serving resolution, the student is
-EfficientNet-B3 with a 1x1 convolution to the teacher's 512 dimensions *before* GeM pooling, at
+EfficientNet-B3 -> GeM -> a linear projection to the teacher's 512 dimensions (the ``aml-effnetb3-glam``
+recipe's student; ``--projection before_pooling`` for METHODS.md's 1x1 convolution before GeM), at
 EfficientNet-B3's native 300 px. The student is saved and exported with ``serving.export.export_onnx`` into a
 temporary directory (the export verifies its own parity with PyTorch).
 
@@ -61,13 +62,13 @@ def _teacher(size: int) -> torch.nn.Module:
     return Encoder(config).eval()
 
 
-def _student(size: int) -> torch.nn.Module:
+def _student(size: int, projection: str = "after_pooling") -> torch.nn.Module:
     from models import Encoder, EncoderConfig
     from retrieval.data.transforms import PreprocessConfig
 
     config = EncoderConfig(
         backbone="efficientnet_b3",
-        projection="before_pooling",
+        projection=projection,
         embedding_dim=EMBEDDING_DIM,
         pooling="gem",
         preprocess=PreprocessConfig(input_size=size),
@@ -171,6 +172,7 @@ def _header(args: argparse.Namespace) -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "repeats": args.repeats,
         "student_size": args.student_size,
+        "projection": args.projection,
         "teacher_size": args.teacher_size,
         "target_ratio": TARGET_RATIO,
     }
@@ -187,7 +189,7 @@ def _print_table(report: dict[str, Any]) -> None:
         "interleaved repeats after 1 warm-up"
     )
     print(
-        f"student efficientnet_b3 + 1x1 proj before GeM at {head['student_size']} px; "
+        f"student efficientnet_b3 (projection {head['projection']}) at {head['student_size']} px; "
         f"teacher GLAM-resnet101-GeM at {head['teacher_size']} px; {EMBEDDING_DIM}-d; "
         f"ONNX export parity cosine {report['export']['min_cosine']:.6f} ({report['export']['exporter']})"
     )
@@ -220,6 +222,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student-size", type=int, default=300, help="student input side (EfficientNet-B3: 300)")
     parser.add_argument("--teacher-size", type=int, default=512, help="teacher input side (serving resolution)")
+    parser.add_argument(
+        "--projection", default="after_pooling", choices=["after_pooling", "before_pooling"], help="student head"
+    )
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per runtime and batch (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
@@ -232,7 +237,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sizes = {"student": args.student_size, "teacher": args.teacher_size}
-    models = {STUDENT_TORCH: _student(args.student_size), TEACHER: _teacher(args.teacher_size)}
+    models = {STUDENT_TORCH: _student(args.student_size, args.projection), TEACHER: _teacher(args.teacher_size)}
     flops = {name: _flops(model, sizes["teacher" if name == TEACHER else "student"]) for name, model in models.items()}
     with tempfile.TemporaryDirectory() as tmp:
         export = _export(models[STUDENT_TORCH], Path(tmp))

@@ -28,6 +28,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "load_recipe_config",
+    "recipe_objective",
 ]
 
 
@@ -268,15 +269,15 @@ class DistillConfig(TrainConfig):
 CONFIG_TYPES: dict[str, type[TrainConfig]] = {"metric": TrainConfig, "distillation": DistillConfig}
 
 
-def load_recipe_config(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Load a recipe file with the config type its ``objective`` names (a metric ``TrainConfig`` by default).
+def recipe_objective(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The ``objective`` a recipe file (with overrides) names; ``metric`` when it names none.
 
     Raises:
-        ConfigError: an unreadable recipe, an unknown objective, or values that do not validate.
+        ConfigError: an unreadable recipe or an unknown objective.
     """
     import yaml
 
-    from retrieval.config import ConfigError, apply_overrides, load_config
+    from retrieval.config import ConfigError, apply_overrides
 
     try:
         raw = yaml.safe_load(Path(recipe).read_text()) or {}
@@ -285,4 +286,15 @@ def load_recipe_config(recipe: str | Path, overrides: list[str] | tuple[str, ...
     objective = apply_overrides(raw if isinstance(raw, dict) else {}, overrides).get("objective", "metric")
     if objective not in CONFIG_TYPES:
         raise ConfigError(f"objective: unknown {objective!r}; valid: {', '.join(CONFIG_TYPES)}")
-    return load_config(CONFIG_TYPES[objective], recipe, overrides)
+    return str(objective)
+
+
+def load_recipe_config(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a recipe file with the config type its ``objective`` names (a metric ``TrainConfig`` by default).
+
+    Raises:
+        ConfigError: an unreadable recipe, an unknown objective, or values that do not validate.
+    """
+    from retrieval.config import load_config
+
+    return load_config(CONFIG_TYPES[recipe_objective(recipe, overrides)], recipe, overrides)

@@ -167,6 +167,8 @@ class Trainer:
         if objective is None:
             objective = create_objective(self.config, train_dataset)
         self.objective = objective.to(self.device)
+        # the objective may resolve the model section (a student takes its teacher's dimension and id)
+        self.config = self.config.model_copy(update={"model": self.encoder.config})
         self.objective.set_autocast(self._autocast)
         self.optimizer = adamw(self.objective.param_groups(config.optim), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)

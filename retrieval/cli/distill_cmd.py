@@ -39,7 +39,7 @@ def distill(
     """
     with user_errors():
         from retrieval.config import ConfigError
-        from training.config import DistillConfig, load_recipe_config
+        from training.config import load_recipe_config, recipe_objective
         from training.data_factory import build_datasets
         from training.recipe_paths import find_recipe
         from training.trainer import Trainer
@@ -49,9 +49,11 @@ def distill(
             overrides.append(f"distill.teacher={teacher}")
         if weights is not None:
             overrides.append(f"backbone_weights={weights}")
-        cfg = load_recipe_config(find_recipe(config), overrides)
-        if not isinstance(cfg, DistillConfig):
-            raise ConfigError(f"{config} is not a distillation recipe (objective {cfg.objective}); use retrieval train")
+        recipe = find_recipe(config)
+        objective = recipe_objective(recipe, overrides)
+        if objective != "distillation":
+            raise ConfigError(f"{config} is not a distillation recipe (objective {objective}); use retrieval train")
+        cfg = load_recipe_config(recipe, overrides)
         train_dataset, val_dataset = build_datasets(cfg.data)
         trainer = Trainer(cfg, train_dataset, val_dataset, progress=not as_json)
         result = trainer.fit(resume=resume)
