@@ -4,7 +4,7 @@ Usage:
     python experiments/aml_distillation.py [--datasets synthetic,clothing] [--seeds 0,1,2] [--steps 300]
         [--methods all] [--out docs/experiments] [--threads 2]
 
-Per dataset, one teacher is trained once with the ``quickstart`` recipe (resnet10t from scratch, 64 px,
+Per dataset, one teacher is trained once (seed 0) with the ``quickstart`` recipe (resnet10t from scratch, 64 px,
 128-d, multi-scale normalised softmax), then every method trains the same student architecture (``--student``,
 at ``--student-size`` px) for the same number of steps (the fixed CPU budget), per seed:
 
@@ -13,6 +13,10 @@ at ``--student-size`` px) for the same number of steps (the fixed CPU budget), p
 * ``reg``, ``contr``, ``contr+``, ``triplet``: AML's asymmetric losses (Reg, Contr, Contr+, asymmetric triplet),
   tuples mined in the teacher's space (5 hardest negatives, one per class, own class skipped);
 * ``rkd``, ``darkrank``: the symmetric-distillation baselines (relations within the batch).
+
+Student seeds start at 1: a student of the teacher's architecture with the teacher's seed would start from
+the teacher's very initial weights and, trained alone, land in a space close to the teacher's (measured: 71.7
+asymmetric mAP for ``alone`` at seed 0 on the synthetic set, against the teacher's 85.2).
 
 Scored on held-out images, every image querying all the others: *asymmetric* = student queries against the
 teacher's gallery vectors (the deployed pairing), *symmetric* = student on both sides, beside the teacher on
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="synthetic,clothing", help="comma-separated: synthetic, clothing")
     parser.add_argument("--steps", type=int, default=300, help="student steps per run (the fixed budget)")
     parser.add_argument("--teacher-steps", type=int, default=600, help="teacher steps (once per dataset)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated student seeds (the teachers use seed 0)")
     parser.add_argument("--methods", default="all", help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--student", default="resnet10t", help="timm backbone of the student")
     parser.add_argument("--student-size", type=int, default=32, help="the student's input size")

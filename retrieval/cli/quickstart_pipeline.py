@@ -207,7 +207,7 @@ def _distill(teacher_path: Path, data: Any, out: Path, options: QuickstartOption
     overrides = [
         f"out_dir={out}",
         f"distill.teacher={teacher_path}",
-        f"seed={options.seed}",
+        f"seed={options.seed + 1}",  # not the teacher's: a student of its architecture would start from its weights
         f"data.synthetic.seed={options.seed}",
         f"schedule.max_minutes={options.student_minutes}",
         f"device={options.device}",

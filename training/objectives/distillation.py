@@ -32,7 +32,7 @@ from retrieval.data.datasets import LabelledImageDataset
 from retrieval.evaluation.asymmetric import ASYMMETRIC, evaluate_asymmetric
 from retrieval.evaluation.report import EvaluationReport
 from training.embedding import embed_dataset
-from training.losses import create_loss, is_distillation_loss
+from training.losses import available_losses, create_loss, is_distillation_loss
 from training.mining import AsymmetricTupleMiner, MinedTuples
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
 from training.optim import param_groups
@@ -68,15 +68,11 @@ class DistillationObjective(TrainingObjective):
                 "distill.teacher is required: the teacher's encoder checkpoint (retrieval distill --teacher)"
             )
         if not is_distillation_loss(config.loss.name):
-            raise ConfigError(
-                f"loss {config.loss.name!r} is not a distillation loss; use one of aml_regression, aml_contrastive, "
-                "aml_contrastive_plus, aml_triplet, aml_multisimilarity, rkd, darkrank"
-            )
+            valid = ", ".join(name for name in available_losses() if is_distillation_loss(name))
+            raise ConfigError(f"loss {config.loss.name!r} is not a distillation loss; use one of {valid}")
         self.config = config
         device = resolve_device(config.device)
         teacher = load_encoder(distill.teacher, device=device)
-        if teacher.config.levels != list(train_dataset.schema.levels):
-            logger.info("teacher levels %s, training levels %s", teacher.config.levels, train_dataset.schema.levels)
         for param in teacher.parameters():
             param.requires_grad_(False)
         self.teacher = teacher.eval()
