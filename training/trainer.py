@@ -131,8 +131,8 @@ class Trainer:
         val_dataset: optional validation images (same levels), evaluated leave-one-out per level.
         out_dir: run directory; defaults to ``config.out_dir``.
         progress: draw a progress bar on stderr.
-        objective: an objective built by the caller (after seeding, for the same determinism); by default the
-            one ``config.objective`` names, built here.
+        objective: an objective the caller built (its weights are drawn before this seeds the RNGs); by default
+            the one ``config.objective`` names, built here after seeding.
 
     Raises:
         ValueError: datasets that do not fit the config (levels, too few classes for P, unknown loss...).
