@@ -35,7 +35,7 @@ from PIL import Image
 from retrieval.data.datasets import DatasetError, FileImageDataset, Transform
 from retrieval.data.images import CorruptImageError
 from retrieval.data.labels import LabelSchema, LabelVocabulary
-from retrieval.data.safe_pickle import read_restricted_pickle
+from retrieval.data.safe_pickle import find_release_pickle, read_restricted_pickle
 
 __all__ = [
     "REVISITED_DATASETS",
@@ -168,14 +168,10 @@ def open_revisited(name: str, data_root: str | Path, *, require_images: bool = T
     """
     if name not in REVISITED_DATASETS:
         raise DatasetError(f"unknown Revisited dataset {name!r}; valid names: {', '.join(REVISITED_DATASETS)}")
-    data_root = Path(data_root)
-    candidates = [data_root, data_root / name]
-    gnd_name = f"gnd_{name}.pkl"
-    root = next((c for c in candidates if (c / gnd_name).is_file()), None)
-    if root is None:
-        tried = ", ".join(str(c / gnd_name) for c in candidates)
-        raise DatasetError(f"{name} ground truth not found; tried {tried} (download it with the revisitop scripts)")
-    gnd_path = root / gnd_name
+    gnd_path = find_release_pickle(
+        data_root, name, f"gnd_{name}.pkl", "ground truth", "download it with the revisitop scripts"
+    )
+    root = gnd_path.parent
     images = root / "jpg"
     if require_images and not images.is_dir():
         raise DatasetError(f"{name} image folder not found: {images} (expected jpg/<name>.jpg beside {gnd_path})")

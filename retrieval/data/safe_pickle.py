@@ -20,7 +20,7 @@ import numpy as np
 
 from retrieval.data.datasets import DatasetError
 
-__all__ = ["RestrictedUnpickler", "read_restricted_pickle"]
+__all__ = ["RestrictedUnpickler", "find_release_pickle", "read_restricted_pickle"]
 
 # The globals that pickles of numpy arrays and scalars name (numpy 2 moved numpy.core to numpy._core;
 # protocol 5 rebuilds arrays with _frombuffer), and the one protocol 0-2 use for bytes.
@@ -80,3 +80,18 @@ def read_restricted_pickle(path: str | Path, what: str) -> Any:
         raise DatasetError(f"{path}: not an official {what} pickle ({exc})") from None
     except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise DatasetError(f"{path}: unreadable {what} pickle ({type(exc).__name__}: {exc})") from None
+
+
+def find_release_pickle(root: str | Path, name: str, filename: str, what: str, hint: str) -> Path:
+    """The official pickle ``filename`` in ``root`` or in ``root/<name>`` (a release unpacked into its own folder).
+
+    Raises:
+        DatasetError: in neither place; the message names both paths tried and how to get the files.
+    """
+    root = Path(root)
+    candidates = [root, root / name]
+    found = next((c for c in candidates if (c / filename).is_file()), None)
+    if found is None:
+        tried = ", ".join(str(c / filename) for c in candidates)
+        raise DatasetError(f"{name} {what} not found; tried {tried} ({hint})")
+    return found / filename

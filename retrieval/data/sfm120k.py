@@ -32,7 +32,7 @@ import numpy as np
 
 from retrieval.data.datasets import DatasetError, FileImageDataset, Transform, _encode_rows
 from retrieval.data.labels import LabelSchema
-from retrieval.data.safe_pickle import read_restricted_pickle
+from retrieval.data.safe_pickle import find_release_pickle, read_restricted_pickle
 
 __all__ = ["SFM120K", "SFM120K_LEVEL", "SFM_SPLITS", "Sfm120kDataset", "cid_to_path", "open_sfm120k"]
 
@@ -141,15 +141,8 @@ def open_sfm120k(
     """
     if split not in SFM_SPLITS:
         raise DatasetError(f"unknown SfM-120k split {split!r}; valid splits: {', '.join(SFM_SPLITS)}")
-    root = Path(root)
-    pkl_name = f"{name}.pkl"
-    candidates = [root, root / name]
-    found = next((c for c in candidates if (c / pkl_name).is_file()), None)
-    if found is None:
-        tried = ", ".join(str(c / pkl_name) for c in candidates)
-        raise DatasetError(f"{name} layout not found; tried {tried} (download it with the cirtorch scripts)")
-    pkl_path = found / pkl_name
-    images_root = found / "ims"
+    pkl_path = find_release_pickle(root, name, f"{name}.pkl", "layout", "download it with the cirtorch scripts")
+    images_root = pkl_path.parent / "ims"
     if require_images and not images_root.is_dir():
         raise DatasetError(f"{name} image folder not found: {images_root} (expected ims/ beside {pkl_path})")
     raw = read_restricted_pickle(pkl_path, name)
