@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from models.encoder import EncoderConfig
 from retrieval.config import StrictModel
 from retrieval.data.synthetic import SyntheticConfig
-from retrieval.data.transforms import AugmentConfig
+from retrieval.data.transforms import AugmentConfig, PreprocessConfig
 
 __all__ = [
     "CONFIG_TYPES",
@@ -255,14 +255,20 @@ class DistillConfig(TrainConfig):
     """A distillation run: a student (``model``) trained into a frozen teacher's space with a distillation
     loss (``loss``), in the same loop, with the same sections, as any training run.
 
-    The student's ``embedding_dim`` is the teacher's (set from the teacher; a recipe that sets another value is
-    refused), its ``teacher_id`` is the teacher's id, and its input size is its own (``model.preprocess``).
+    The student's ``embedding_dim`` is the teacher's (set from the teacher, whatever the recipe says), its
+    ``teacher_id`` is the teacher's id, and its input size is its own (``model.preprocess``). Without a ``model``
+    section the student is AML's: EfficientNet-B3 at its native 300 px.
     """
 
     objective: str = "distillation"
+    model: EncoderConfig = Field(default_factory=lambda: _default_student())
     distill: DistillSection = Field(default_factory=DistillSection)
     loss: LossConfig = Field(default_factory=lambda: LossConfig(name="aml_regression"))
     out_dir: Path = Path("runs/distill")
+
+
+def _default_student() -> EncoderConfig:
+    return EncoderConfig(backbone="efficientnet_b3", preprocess=PreprocessConfig(input_size=300))
 
 
 #: The config type of each objective: a recipe's ``objective`` picks the sections it may hold.
