@@ -14,7 +14,15 @@ from rich.console import Console
 if TYPE_CHECKING:
     from retrieval.evaluation.report import EvaluationReport
 
-__all__ = ["console", "err_console", "fail", "print_json", "print_side_by_side", "user_errors"]
+__all__ = [
+    "console",
+    "err_console",
+    "fail",
+    "print_json",
+    "print_side_by_side",
+    "recipe_overrides",
+    "user_errors",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -61,3 +69,12 @@ def print_side_by_side(reports: dict[str, EvaluationReport], query_id: str, gall
         soft_wrap=True,
     )
     console.print(format_side_by_side(reports, title=title), highlight=False, soft_wrap=True)
+
+
+def recipe_overrides(set_values: list[str], options: dict[str, object]) -> list[str]:
+    """``--set`` overrides followed by one ``key=value`` for every command-line option that was given.
+
+    ``options`` maps config keys to option values (``{"out_dir": out, "backbone_weights": weights}``);
+    ``None`` means the option was not given and the recipe's value stands. Options come last, so they win.
+    """
+    return [*set_values, *(f"{key}={value}" for key, value in options.items() if value is not None)]

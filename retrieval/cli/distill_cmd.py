@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from retrieval.cli.common import console, print_json, user_errors
+from retrieval.cli.common import console, print_json, recipe_overrides, user_errors
 
 
 def distill(
@@ -44,11 +44,7 @@ def distill(
         from training.recipe_paths import find_recipe
         from training.trainer import Trainer
 
-        overrides = [*set_, *([f"out_dir={out}"] if out is not None else [])]
-        if teacher is not None:
-            overrides.append(f"distill.teacher={teacher}")
-        if weights is not None:
-            overrides.append(f"backbone_weights={weights}")
+        overrides = recipe_overrides(set_, {"out_dir": out, "distill.teacher": teacher, "backbone_weights": weights})
         recipe = find_recipe(config)
         objective = recipe_objective(recipe, overrides)
         if objective != "distillation":

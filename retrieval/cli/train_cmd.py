@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from retrieval.cli.common import console, print_json, user_errors
+from retrieval.cli.common import console, print_json, recipe_overrides, user_errors
 
 
 def train(
@@ -34,9 +34,7 @@ def train(
         from training.recipe_paths import find_recipe
         from training.trainer import train as run_training
 
-        overrides = [*set_, *([f"out_dir={out}"] if out is not None else [])]
-        if weights is not None:
-            overrides.append(f"backbone_weights={weights}")
+        overrides = recipe_overrides(set_, {"out_dir": out, "backbone_weights": weights})
         cfg = load_recipe_config(find_recipe(config), overrides)
         result = run_training(cfg, resume=resume, progress=not as_json)
     summary = result.to_dict()
