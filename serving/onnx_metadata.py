@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from retrieval.data.transforms import PreprocessConfig
+from retrieval.data.preprocess import PreprocessConfig
 from retrieval.errors import UserFacingError
 
 if TYPE_CHECKING:
     from models.encoder import Encoder
 
 __all__ = [
+    "INPUT_FORMATS",
     "ONNX_FORMAT",
+    "PRECISIONS",
     "REQUIRED_KEYS",
     "OnnxEncoderInfo",
     "OnnxMetadataError",
@@ -46,6 +48,12 @@ REQUIRED_KEYS = (
     "resize",
     "levels",
 )
+#: What the graph takes: ``float32_normalized`` is a ``(N, 3, H, W)`` float32 batch, already normalised with
+#: ``mean``/``std``; ``uint8_rgb`` is a resized ``(1, 3, S, S)`` uint8 RGB image that the graph scales and
+#: normalises itself (the mobile export). Files written before the key existed take the first.
+INPUT_FORMATS = ("float32_normalized", "uint8_rgb")
+#: Numeric precision of the weights: ``fp32``, ``fp16`` (inputs and outputs stay float32) or ``int8`` (QDQ).
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class OnnxMetadataError(UserFacingError, ValueError):
@@ -62,6 +70,8 @@ class OnnxEncoderInfo:
         embedding_dim: length of the output vectors.
         preprocess: input size, normalisation and resize policy, as in the checkpoint.
         levels: label levels the encoder was trained on, finest first.
+        input_format: one of ``INPUT_FORMATS``.
+        precision: one of ``PRECISIONS``.
     """
 
     encoder_id: str
@@ -69,6 +79,8 @@ class OnnxEncoderInfo:
     embedding_dim: int
     preprocess: PreprocessConfig
     levels: tuple[str, ...]
+    input_format: str = "float32_normalized"
+    precision: str = "fp32"
 
 
 def encoder_metadata(encoder: Encoder) -> dict[str, str]:
@@ -90,6 +102,8 @@ def encoder_metadata(encoder: Encoder) -> dict[str, str]:
         "std": json.dumps([float(v) for v in pre.std]),
         "resize": pre.resize,
         "levels": json.dumps(list(config.levels)),
+        "input_format": "float32_normalized",
+        "precision": "fp32",
         "encoder_config": config.model_dump_json(),
     }
 
@@ -125,12 +139,20 @@ def parse_onnx_metadata(props: Mapping[str, str], source: str) -> OnnxEncoderInf
         raise OnnxMetadataError(f"{source}: malformed query-encoder metadata: {exc}") from exc
     if dim <= 0:
         raise OnnxMetadataError(f"{source}: embedding_dim must be positive, got {dim}")
+    input_format = props.get("input_format", INPUT_FORMATS[0])
+    precision = props.get("precision", PRECISIONS[0])
+    if input_format not in INPUT_FORMATS:
+        raise OnnxMetadataError(f"{source}: unknown input_format {input_format!r}; this release reads {INPUT_FORMATS}")
+    if precision not in PRECISIONS:
+        raise OnnxMetadataError(f"{source}: unknown precision {precision!r}; this release reads {PRECISIONS}")
     return OnnxEncoderInfo(
         encoder_id=props["encoder_id"],
         teacher_id=props["teacher_id"] or None,
         embedding_dim=dim,
         preprocess=preprocess,
         levels=levels,
+        input_format=input_format,
+        precision=precision,
     )
 
 

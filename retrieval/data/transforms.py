@@ -1,7 +1,8 @@
 """Preprocessing shared by training, indexing and serving: PIL image in, normalised float tensor out.
 
-The evaluation pipeline is fully described by :class:`PreprocessConfig`, which is saved inside every
-encoder checkpoint so that the gallery and the queries are always preprocessed the same way. The
+The evaluation pipeline is fully described by :class:`PreprocessConfig` (``retrieval.data.preprocess``, re-exported
+here), which is saved inside every encoder checkpoint so that the gallery and the queries are always preprocessed the
+same way; ``retrieval.data.preprocess`` also implements it without torch, pixel for pixel. The
 training pipeline adds light augmentation on top; its strength lives in :class:`AugmentConfig`, which
 belongs to the training recipe rather than to the checkpoint.
 """
@@ -9,14 +10,14 @@ belongs to the training recipe rather than to the checkpoint.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field
 from torchvision.transforms import v2
 
 from retrieval.config import StrictModel
+from retrieval.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -28,35 +29,7 @@ __all__ = [
     "normalise_steps",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
 ImageTransform = Callable[[Image.Image], torch.Tensor]
-
-
-class PreprocessConfig(StrictModel):
-    """How an image becomes a model input; travels with the encoder weights.
-
-    Attributes:
-        input_size: side of the square model input in pixels.
-        mean: per-channel mean subtracted after scaling to [0, 1].
-        std: per-channel std divided after subtracting the mean.
-        resize: ``"squash"`` resizes to ``input_size`` x ``input_size`` ignoring the aspect ratio (keeps the
-            whole object in view); ``"center_crop"`` resizes the shorter side and crops the centre (keeps the
-            aspect ratio, may cut the edges).
-    """
-
-    input_size: int = Field(224, ge=8, le=4096)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    resize: Literal["squash", "center_crop"] = "squash"
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s <= 0 for s in value):
-            raise ValueError(f"std values must be positive, got {value}")
-        return value
 
 
 class AugmentConfig(StrictModel):
