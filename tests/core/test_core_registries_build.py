@@ -47,4 +47,4 @@ def test_every_loss_gives_a_finite_differentiable_scalar(name):
 def test_runtimes_are_registered():
     from serving.runtimes import RUNTIMES
 
-    assert RUNTIMES.names() == ["onnxruntime", "torch"]
+    assert RUNTIMES.names() == ["onnxruntime", "tensorrt", "torch"]
