@@ -1,36 +1,41 @@
-"""The HTTP API: upload an image, get its nearest gallery items as JSON.
+"""The HTTP API: upload an image (or send an on-device embedding), get its nearest gallery items as JSON.
 
-``create_app(settings)`` builds the FastAPI application without loading anything; the index
-and the query encoder are opened in the app's ``lifespan`` (at server start-up) and closed at
-shutdown, so importing this module or building the app is cheap and side-effect free.
-Decoding and inference run in the thread pool, keeping the event loop free to accept other
-requests while a query is embedded. Bad input (not an image, empty, too large, bad ``k``)
-gets a 4xx JSON ``{"detail": ...}``, never a 500 with a traceback.
+``create_app(settings)`` builds the FastAPI application without loading anything; the index and the
+query encoder are opened in the app's ``lifespan`` (at server start-up) and closed at shutdown, so
+importing this module or building the app is cheap and side-effect free. The routes live in
+``serving.api`` (one router per concern); this module assembles them with the middleware (metrics,
+CORS, body-size limit), the error handlers and the micro-batcher. Decoding and inference run in a
+worker thread, keeping the event loop free to accept other requests while a batch is embedded.
 """
 
-# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime, and
-# they refer to ``settings`` in the enclosing function, which a string annotation cannot resolve.
+from __future__ import annotations
+
+import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from functools import partial
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
+import anyio.to_thread
+from fastapi import FastAPI
 
-from indexing.errors import NotCalibratedError, UnknownGranularityError
-from retrieval.data.images import CorruptImageError, decode_image_bytes
+from serving.api.batching import MicroBatcher
+from serving.api.docs import docs_router
+from serving.api.errors import install_error_handlers
+from serving.api.health import health_router, index_router
+from serving.api.metrics import ApiMetrics, MetricsMiddleware, metrics_router
+from serving.api.queries import answer_image_queries
+from serving.api.search import search_router
+from serving.api.security import api_key_dependencies
 from serving.engine import SearchEngine
-from serving.limits import BodySizeLimitMiddleware, too_large_message
+from serving.limits import BodySizeLimitMiddleware
 from serving.settings import ServeSettings
 
 __all__ = ["create_app", "serve"]
 
 logger = logging.getLogger(__name__)
 
+TITLE = "retrieval-engine"
 #: Allowance for multipart framing and the small form fields on top of the image itself.
 _MULTIPART_OVERHEAD = 64 * 1024
 
@@ -41,105 +46,98 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
     An already opened ``engine`` may be handed in (the CLI opens it first to report errors cleanly);
     the app then uses it instead of opening a second one, and closes it at shutdown.
 
-    Endpoints:
-        ``POST /v1/search``: multipart form with a file field ``image``, an optional ``k``
-        (form field or query parameter, 1..``max_k``, default ``default_k``) and an optional
-        ``granularity`` (form field or query parameter: a calibrated level; only hits above its
-        threshold are returned, up to ``k``); returns ``{"k", "took_ms", "hits": [{"id", "score",
-        "path", "labels"[, "level"][, "extra"]}]}`` (plus ``"granularity"`` when one was asked). Hits of a
-        calibrated index carry ``level``. An unknown level is a 422, a granularity asked of an
-        uncalibrated index a 400, each with a JSON ``{"detail": message}``. With ``min_score`` (form
-        field or query parameter, a cosine similarity in [-1, 1]) every item scoring above it is returned
-        (a range search; ``k`` then caps the hits, default ``max_k``), and the answer says whether FAISS's
-        native range search or the k-NN fallback ran (``"range_search"``); with ``granularity`` too, a 422.
-        ``GET /v1/healthz``: ``{"status": "ok", "count", "encoder_id", "query_encoder_id", "dim"}``.
+    Routes (see the OpenAPI document at ``/openapi.json`` and the docs at ``/docs``): ``POST /v1/search``,
+    ``POST /v1/search/embedding``, ``GET /v1/index``, ``GET /metrics`` (these need the API key when one is
+    set), ``GET /v1/healthz``, ``GET /v1/readyz``, ``GET /docs``, and the search page's routes.
     """
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        opened = engine or SearchEngine.open(settings.index, settings.query_encoder, runtime=settings.runtime)
-        logger.info("serving %r", opened)
-        app.state.engine = opened
-        try:
-            yield
-        finally:
-            opened.close()
-
-    app = FastAPI(title="retrieval-engine", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title=TITLE,
+        version="1",
+        description="Image retrieval: upload a photo (or an on-device embedding), get the most similar gallery items.",
+        lifespan=partial(_lifespan, settings=settings, engine=engine),
+        docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN; serving.api.docs serves it locally
+        redoc_url=None,
+    )
+    key = settings.api_key.get_secret_value().encode("utf-8") if settings.api_key is not None else None
     app.state.settings = settings
+    app.state.api_key = key
+    app.state.engine = None
+    app.state.batcher = None
+    app.state.ready = False
+    app.state.not_ready_reason = None
+    app.state.metrics = metrics = ApiMetrics()
+    auth = api_key_dependencies(key is not None)
+
+    app.include_router(health_router())
+    app.include_router(index_router(auth))
+    app.include_router(search_router(settings, auth))
+    app.include_router(metrics_router(auth))
+    app.include_router(docs_router(TITLE))
+    _include_page(app, auth)
+
+    install_error_handlers(app, [settings.index, settings.query_encoder])
     max_bytes = settings.max_upload_bytes
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_bytes + _MULTIPART_OVERHEAD, upload_limit=max_bytes)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
 
-    @app.post("/v1/search")
-    async def search(
-        request: Request,
-        image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, ...)")],
-        k_form: Annotated[int | None, Form(alias="k", ge=1, le=settings.max_k)] = None,
-        k_query: Annotated[int | None, Query(alias="k", ge=1, le=settings.max_k)] = None,
-        granularity_form: Annotated[str | None, Form(alias="granularity", max_length=64)] = None,
-        granularity_query: Annotated[str | None, Query(alias="granularity", max_length=64)] = None,
-        min_score_form: Annotated[float | None, Form(alias="min_score", ge=-1.0, le=1.0)] = None,
-        min_score_query: Annotated[float | None, Query(alias="min_score", ge=-1.0, le=1.0)] = None,
-    ) -> dict[str, Any]:
-        start = time.perf_counter()
-        engine: SearchEngine = request.app.state.engine
-        granularity = granularity_form or granularity_query
-        min_score = min_score_form if min_score_form is not None else min_score_query
-        # with min_score, k caps the hits (default: max_k); otherwise it is the number of nearest items
-        k = k_form or k_query or (settings.max_k if min_score is not None else settings.default_k)
-        if granularity is not None and min_score is not None:
-            raise HTTPException(status_code=422, detail="give either granularity or min_score, not both")
-        if granularity is not None:
-            try:
-                engine.index_dir.threshold(granularity)  # answer before reading and decoding the upload
-            except UnknownGranularityError as exc:
-                raise HTTPException(status_code=422, detail=str(exc)) from None
-            except NotCalibratedError as exc:
-                raise HTTPException(status_code=400, detail=str(exc)) from None
-        name = image.filename or "<upload>"
-        data = await image.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise HTTPException(status_code=413, detail=f"{name}: {too_large_message(max_bytes)}")
-        try:
-            query = await run_in_threadpool(decode_image_bytes, data, name)
-        except CorruptImageError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-        body: dict[str, Any] = {"k": k}
-        if min_score is None:
-            results = await run_in_threadpool(engine.search, [query], k, granularity)
-        else:
-            results, fallback = await run_in_threadpool(engine.search_above, [query], min_score, k)
-            body["min_score"] = min_score
-            body["range_search"] = "knn_fallback" if fallback else "native"
-        if granularity is not None:
-            body["granularity"] = granularity
-        body["took_ms"] = round((time.perf_counter() - start) * 1000.0, 3)
-        body["hits"] = [hit.to_dict() for hit in results[0]]
-        return body
-
-    @app.get("/v1/healthz")
-    async def healthz(request: Request) -> dict[str, Any]:
-        engine: SearchEngine = request.app.state.engine
-        return {
-            "status": "ok",
-            "count": engine.count,
-            "encoder_id": engine.encoder_id,
-            "query_encoder_id": engine.query_encoder.encoder_id,
-            "dim": engine.dim,
-        }
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's default handler echoes each bad input back; for an upload that is the whole file.
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": errors})
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises after this handler, so the server logs the traceback once; the client gets JSON.
-        return JSONResponse(status_code=500, content={"detail": "internal server error; see the server log"})
-
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: times and counts every answer
     return app
+
+
+def _include_page(app: FastAPI, auth: list) -> None:
+    """The search page (``/``, ``/static``; open) and item thumbnails (behind the API key)."""
+    from serving.api.page import items_router, page_router
+
+    app.include_router(page_router)
+    app.include_router(items_router, dependencies=auth)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, settings: ServeSettings, engine: SearchEngine | None) -> AsyncIterator[None]:
+    """Open the engine (unless handed in), start the batcher, warm up in the background; undo it all at shutdown."""
+    opened = engine or await anyio.to_thread.run_sync(
+        partial(SearchEngine.open, settings.index, settings.query_encoder, runtime=settings.runtime)
+    )
+    logger.info("serving %r", opened)
+    batcher = MicroBatcher(
+        partial(answer_image_queries, opened),
+        max_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        on_batch=app.state.metrics.batch_size.observe,
+    )
+    batcher.start()
+    app.state.engine = opened
+    app.state.batcher = batcher
+    warming = asyncio.get_running_loop().create_task(_warm_up(app, opened, settings.warmup))
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        warming.cancel()
+        await asyncio.gather(warming, return_exceptions=True)
+        await batcher.aclose()
+        app.state.engine = None
+        app.state.batcher = None
+        opened.close()
+
+
+async def _warm_up(app: FastAPI, engine: SearchEngine, enabled: bool) -> None:
+    """Run one query through encoder and index (so the first client does not pay for it), then mark ready."""
+    if enabled:
+        try:
+            await anyio.to_thread.run_sync(engine.warm_up)
+        except Exception:
+            logger.exception("the warm-up query failed; /v1/readyz stays 503")
+            app.state.not_ready_reason = "the warm-up query failed; see the server log"
+            return
+    app.state.ready = True
 
 
 def serve(settings: ServeSettings) -> None:

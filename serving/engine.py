@@ -4,29 +4,64 @@ Vectors from two different encoders live in unrelated spaces; searching one with
 returns confident-looking nonsense. The engine therefore checks the pairing once, when it is
 built: the query encoder must be the encoder that built the index, or a student distilled
 into that encoder's space (its ``teacher_id``), and must produce vectors of the index's size.
+Vectors embedded elsewhere (an on-device model) are checked the same way, per request, by
+``check_query_vectors``: they must name an accepted encoder id and be finite, L2-normalised
+rows of the index's dimension.
+
+Errors raised for a request (``granularity_threshold``, ``check_query_vectors``) name no server
+path, so the HTTP API can return their messages as they are.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from indexing import IndexDirectory, Manifest, SearchResults, open_index_dir
+from indexing import (
+    IndexDirectory,
+    Manifest,
+    NotCalibratedError,
+    SearchResults,
+    UnknownGranularityError,
+    open_index_dir,
+)
 from retrieval.errors import UserFacingError
 from retrieval.resources import Closeable
 from serving.runtimes import QueryEncoder, QueryEncoderError, open_query_encoder
 
-__all__ = ["EncoderMismatchError", "SearchEngine", "check_compatible", "resolve_query_encoder_path"]
+__all__ = [
+    "NORM_TOLERANCE",
+    "EncoderMismatchError",
+    "ForeignEmbeddingError",
+    "QueryVectorError",
+    "SearchEngine",
+    "check_compatible",
+    "resolve_query_encoder_path",
+]
+
+#: How far from 1 the L2 norm of an incoming query vector may be: float16 on-device outputs land within 1e-3,
+#: a forgotten normalisation lands far outside.
+NORM_TOLERANCE = 0.01
 
 logger = logging.getLogger(__name__)
 
 
 class EncoderMismatchError(UserFacingError, ValueError):
     """A query encoder whose embedding space is not the index's; the message names both ids."""
+
+
+class ForeignEmbeddingError(UserFacingError, ValueError):
+    """A query vector from an encoder whose space is not the index's (the HTTP API answers 409)."""
+
+
+class QueryVectorError(UserFacingError, ValueError):
+    """A query vector of the wrong dimension, with non-finite values or not L2-normalised (HTTP 422)."""
 
 
 class SearchEngine(Closeable):
@@ -96,6 +131,82 @@ class SearchEngine(Closeable):
         """The index's calibrated ``{level: threshold}``, finest first; empty when it is not calibrated."""
         return dict(self.index_dir.manifest.thresholds)
 
+    @property
+    def accepted_encoder_ids(self) -> list[str]:
+        """Ids of the encoders whose vectors may query this index: the index's own and the served query encoder's.
+
+        The served query encoder is accepted because it was checked when the engine was built (it is the
+        index encoder or a student distilled into its space), so its on-device twin, which carries the same
+        id, can send its vectors to ``search_embeddings``.
+        """
+        ids = [self.encoder_id]
+        if self.query_encoder.encoder_id not in ids:
+            ids.append(self.query_encoder.encoder_id)
+        return ids
+
+    def granularity_threshold(self, granularity: str) -> float:
+        """The calibrated threshold of ``granularity``, checked before any work is done for a request.
+
+        Raises:
+            indexing.NotCalibratedError: the index has no thresholds.
+            indexing.UnknownGranularityError: not a calibrated level; the message lists them.
+        """
+        thresholds = self.index_dir.manifest.thresholds
+        if not thresholds:
+            raise NotCalibratedError(
+                "this index has no granularity thresholds; calibrate it with `retrieval index calibrate INDEX "
+                "--labels CSV` on labelled validation images, or search without a granularity"
+            )
+        if granularity not in thresholds:
+            raise UnknownGranularityError(
+                f"unknown granularity {granularity!r}; this index is calibrated for {', '.join(thresholds)}"
+            )
+        return thresholds[granularity]
+
+    def check_query_vectors(self, vectors: object, encoder_id: str) -> np.ndarray:
+        """Validate query vectors embedded elsewhere (an on-device model) and return them as ``(Q, dim)`` float32.
+
+        Args:
+            vectors: one vector or a sequence of vectors.
+            encoder_id: id of the encoder that produced them; must be in ``accepted_encoder_ids``.
+
+        Raises:
+            ForeignEmbeddingError: ``encoder_id`` is not accepted (the vectors live in another space).
+            QueryVectorError: wrong dimension, a non-finite value, or a row whose L2 norm is not 1
+                (within ``NORM_TOLERANCE``).
+        """
+        accepted = self.accepted_encoder_ids
+        if encoder_id not in accepted:
+            raise ForeignEmbeddingError(
+                f"the embedding comes from encoder {encoder_id!r}, whose space this index does not share; "
+                f"accepted encoder ids: {', '.join(accepted)}"
+            )
+        try:
+            array = np.asarray(vectors, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise QueryVectorError("the embedding must be a list of numbers") from None
+        if array.ndim == 1:
+            array = array[None, :]
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            got = array.shape[-1] if array.ndim else 0
+            raise QueryVectorError(f"the embedding has {got} dimensions; this index holds {self.dim}-d vectors")
+        if not np.isfinite(array).all():
+            raise QueryVectorError("the embedding contains non-finite values (NaN or infinity)")
+        norms = np.linalg.norm(array, axis=1)
+        bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if bad.any():
+            raise QueryVectorError(
+                f"the embedding must be L2-normalised (norm 1 within {NORM_TOLERANCE:g}); its norm is "
+                f"{float(norms[bad][0]):.6g}"
+            )
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed query images with the query encoder: ``(N, dim)`` float32, L2-normalised rows."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.query_encoder.encode(images)
+
     def search(self, images: Sequence[Image.Image], k: int, granularity: str | None = None) -> list[SearchResults]:
         """The ``k`` nearest gallery items of each query image, best first.
 
@@ -113,14 +224,29 @@ class SearchEngine(Closeable):
             indexing.NotCalibratedError: a granularity asked of an index without thresholds.
             indexing.UnknownGranularityError: a granularity that is not a calibrated level.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        _check_k(k)
         if granularity is not None:
-            self.index_dir.threshold(granularity)  # before the encoder runs
+            self.granularity_threshold(granularity)  # before the encoder runs
         if not images:
             return []
-        embeddings = self.query_encoder.encode(images)
-        return self.index_dir.search(embeddings, k, granularity=granularity)
+        return self.search_embeddings(self.embed(images), k, granularity)
+
+    def search_embeddings(self, vectors: np.ndarray, k: int, granularity: str | None = None) -> list[SearchResults]:
+        """Like ``search`` for query vectors already in the index's space (``(Q, dim)`` float32, L2-normalised).
+
+        Vectors from outside the server should pass ``check_query_vectors`` first.
+
+        Raises:
+            ValueError: a non-positive ``k`` or vectors of the wrong shape.
+            indexing.NotCalibratedError, indexing.UnknownGranularityError: see ``granularity_threshold``.
+        """
+        _check_k(k)
+        if granularity is not None:
+            self.granularity_threshold(granularity)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(vectors) == 0:
+            return []
+        return self.index_dir.search(vectors, k, granularity=granularity)
 
     def search_above(
         self, images: Sequence[Image.Image], min_score: float, limit: int | None = None
@@ -133,11 +259,42 @@ class SearchEngine(Closeable):
         Raises:
             ValueError: ``min_score`` outside [-1, 1] or a non-positive ``limit``.
         """
-        if not -1.0 <= float(min_score) <= 1.0:
-            raise ValueError(f"min_score is a cosine similarity in [-1, 1], got {min_score}")
+        _check_min_score(min_score)
         if not images:
             return [], False
-        return self.index_dir.search_above(self.query_encoder.encode(images), min_score, limit)
+        return self.search_embeddings_above(self.embed(images), min_score, limit)
+
+    def search_embeddings_above(
+        self, vectors: np.ndarray, min_score: float, limit: int | None = None
+    ) -> tuple[list[SearchResults], bool]:
+        """Like ``search_above`` for query vectors already in the index's space."""
+        _check_min_score(min_score)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(vectors) == 0:
+            return [], False
+        return self.index_dir.search_above(vectors, min_score, limit)
+
+    def warm_up(self) -> None:
+        """Run one blank query through the encoder and the index, so the first real query pays no set-up cost."""
+        size = int(self.query_encoder.preprocess.input_size)
+        vectors = self.embed([Image.new("RGB", (size, size), (127, 127, 127))])
+        self.search_embeddings(vectors, 1)
+
+    def describe(self) -> dict[str, Any]:
+        """What is served, without any server path: sizes, encoder ids and granularity thresholds."""
+        manifest = self.index_dir.manifest
+        return {
+            "count": self.count,
+            "dim": self.dim,
+            "encoder_id": self.encoder_id,
+            "query_encoder_id": self.query_encoder.encoder_id,
+            "query_encoder_teacher_id": self.query_encoder.teacher_id,
+            "accepted_encoder_ids": self.accepted_encoder_ids,
+            "levels": list(manifest.levels),
+            "granularities": list(manifest.thresholds),
+            "thresholds": dict(manifest.thresholds),
+            "index_type": manifest.factory,
+        }
 
     def close(self) -> None:
         self.index_dir.close()
@@ -145,6 +302,16 @@ class SearchEngine(Closeable):
     def __repr__(self) -> str:
         index = str(self.index_dir.path)
         return f"SearchEngine(index={index!r}, count={self.count}, query_encoder={self.query_encoder!r})"
+
+
+def _check_k(k: object) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def _check_min_score(min_score: float) -> None:
+    if not -1.0 <= float(min_score) <= 1.0 or math.isnan(float(min_score)):
+        raise ValueError(f"min_score is a cosine similarity in [-1, 1], got {min_score}")
 
 
 def check_compatible(index_dir: IndexDirectory, query_encoder: QueryEncoder) -> None:

@@ -1,4 +1,11 @@
-"""``retrieval serve``: the HTTP search API."""
+"""``retrieval serve``: the HTTP search API.
+
+Every server setting has a flag and a ``RETRIEVAL_*`` environment variable (``serving.settings``).
+Only the flags actually given are passed on, so a flag overrides the environment and the
+environment overrides the defaults. The API key has no flag of its own on purpose: a command
+line is visible to every user of the machine (``ps``), so the key comes from ``RETRIEVAL_API_KEY``
+or from a file (``--api-key-file``, e.g. a container secret).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +17,58 @@ from retrieval.cli.common import user_errors
 
 
 def serve(
-    index: Path = typer.Option(..., "--index", help="Index directory to serve."),
+    index: Path | None = typer.Option(None, "--index", help="Index directory to serve [env RETRIEVAL_INDEX]."),
     query_encoder: Path | None = typer.Option(
-        None, "--query-encoder", help="Checkpoint dir or .onnx file; default: the encoder that built the index."
+        None,
+        "--query-encoder",
+        help="Checkpoint dir or .onnx file; default: the encoder that built the index [env RETRIEVAL_QUERY_ENCODER].",
     ),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    runtime: str | None = typer.Option(
+        None, "--runtime", help="Force a query-encoder runtime (torch, onnxruntime, ...) [env RETRIEVAL_RUNTIME]."
+    ),
+    host: str | None = typer.Option(None, "--host", help="Interface to bind; default 127.0.0.1 [env RETRIEVAL_HOST]."),
+    port: int | None = typer.Option(
+        None, "--port", min=0, max=65535, help="TCP port; default 8000 [env RETRIEVAL_PORT]."
+    ),
+    max_upload_mb: float | None = typer.Option(
+        None, "--max-upload-mb", help="Largest upload in MiB; default 10 [env RETRIEVAL_MAX_UPLOAD_MB]."
+    ),
+    default_k: int | None = typer.Option(
+        None, "--default-k", help="Hits when a request gives no k; default 10 [env RETRIEVAL_DEFAULT_K]."
+    ),
+    max_k: int | None = typer.Option(
+        None, "--max-k", help="Largest k a request may ask; default 100 [env RETRIEVAL_MAX_K]."
+    ),
+    api_key_file: Path | None = typer.Option(
+        None,
+        "--api-key-file",
+        help="File holding the API key clients must send as X-API-Key [env RETRIEVAL_API_KEY_FILE, or the key "
+        "itself in RETRIEVAL_API_KEY]; there is no --api-key flag, since ps shows command lines to every user.",
+    ),
+    cors_origin: list[str] | None = typer.Option(
+        None,
+        "--cors-origin",
+        help="Origin allowed to call the API from a browser; repeat for several, '*' for any; default none "
+        "[env RETRIEVAL_CORS_ORIGINS, comma-separated].",
+    ),
+    batch_max_size: int | None = typer.Option(
+        None,
+        "--batch-max-size",
+        help="Most query images embedded together (16 suits a GPU); default 1: no batching "
+        "[env RETRIEVAL_BATCH_MAX_SIZE].",
+    ),
+    batch_max_wait_ms: float | None = typer.Option(
+        None,
+        "--batch-max-wait-ms",
+        help="How long a query waits for others to batch with; default 0 [env RETRIEVAL_BATCH_MAX_WAIT_MS].",
+    ),
+    warmup: bool | None = typer.Option(
+        None,
+        "--warmup/--no-warmup",
+        help="Run one query before /v1/readyz says ready; default on [env RETRIEVAL_WARMUP].",
+    ),
 ) -> None:
-    """Serve POST /v1/search (multipart image upload) and GET /v1/healthz with uvicorn."""
+    """Serve the search API (POST /v1/search, /v1/search/embedding; GET /v1/index, /metrics, /docs) with uvicorn."""
     with user_errors():
         from pydantic import ValidationError
 
@@ -25,8 +76,23 @@ def serve(
         from serving.app import serve as run_server
         from serving.settings import ServeSettings
 
-        try:  # RETRIEVAL_* environment variables are read and validated here too
-            settings = ServeSettings(index=index, query_encoder=query_encoder, host=host, port=port)
+        given = {
+            "index": index,
+            "query_encoder": query_encoder,
+            "runtime": runtime,
+            "host": host,
+            "port": port,
+            "max_upload_mb": max_upload_mb,
+            "default_k": default_k,
+            "max_k": max_k,
+            "api_key_file": api_key_file,
+            "cors_origins": cors_origin or None,
+            "batch_max_size": batch_max_size,
+            "batch_max_wait_ms": batch_max_wait_ms,
+            "warmup": warmup,
+        }
+        try:  # RETRIEVAL_* environment variables fill in what no flag gave, and are validated here too
+            settings = ServeSettings(**{name: value for name, value in given.items() if value is not None})
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, "invalid server settings:")) from None
         run_server(settings)

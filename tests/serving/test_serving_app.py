@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import ValidationError
 
 from indexing import IndexFormatError
 from retrieval.data.datasets import CsvImageDataset
+from serving.api.server import running_server
 from serving.app import create_app, serve
 from serving.engine import EncoderMismatchError
 from serving.runtimes import QueryEncoderError
@@ -27,28 +24,10 @@ UPLOAD_MB = 0.05  # ~51 KiB: large enough for the gallery PNGs, small enough to 
 
 @pytest.fixture(scope="module")
 def server(serving_index) -> Iterator[str]:
-    """Start the app on a pre-bound free port in a thread; yield its base URL; stop it afterwards."""
+    """Serve the uncalibrated test index on a free loopback port in a thread; yield its base URL."""
     settings = ServeSettings(index=serving_index, default_k=3, max_k=MAX_K, max_upload_mb=UPLOAD_MB)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the server did not start (see the log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-    assert not thread.is_alive()
+    with running_server(create_app(settings)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +45,14 @@ def _png(gallery: CsvImageDataset, i: int) -> bytes:
     return Path(gallery.paths[i]).read_bytes()
 
 
-def test_healthz(client, gallery):
+def test_healthz_and_index(client, gallery):
     response = client.get("/v1/healthz")
-    assert response.status_code == 200
-    body = response.json()
-    assert body["status"] == "ok" and body["count"] == len(gallery) and body["dim"] == 32
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    body = client.get("/v1/index").json()
+    assert body["count"] == len(gallery) and body["dim"] == 32
     assert body["encoder_id"] == body["query_encoder_id"] and len(body["encoder_id"]) == 16
+    assert body["accepted_encoder_ids"] == [body["encoder_id"]] and body["query_encoder_teacher_id"] is None
+    assert body["granularities"] == [] and body["thresholds"] == {} and body["index_type"] == "Flat"
 
 
 def test_search_returns_ranked_hits_with_itself_first(client, gallery):
@@ -80,9 +61,11 @@ def test_search_returns_ranked_hits_with_itself_first(client, gallery):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["k"] == 3 and body["took_ms"] > 0
+        assert body["granularity"] is None and body["min_score"] is None and body["range_search"] is None
         hits = body["hits"]
         assert len(hits) == 3
-        assert set(hits[0]) == {"id", "score", "path", "labels", "extra"}
+        assert set(hits[0]) == {"id", "score", "path", "labels", "level", "extra", "thumbnail_url"}
+        assert hits[0]["level"] is None and hits[0]["thumbnail_url"] == f"/v1/items/{i}/thumbnail"
         assert hits[0]["extra"] == {"sku": f"SKU-{i:03d}"}  # the gallery CSV's other columns come back
         assert hits[0]["id"] == i and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert hits[0]["labels"] == gallery.label_names(i) and hits[0]["path"] == gallery.names[i]
@@ -91,10 +74,12 @@ def test_search_returns_ranked_hits_with_itself_first(client, gallery):
         assert len({hit["id"] for hit in hits}) == 3
 
 
-def test_k_from_form_or_query(client, gallery):
+def test_k_from_the_form_only(client, gallery):
     files = {"image": ("q.png", _png(gallery, 1), "image/png")}
     assert len(client.post("/v1/search", files=files, data={"k": "5"}).json()["hits"]) == 5
-    assert len(client.post("/v1/search", files=files, params={"k": 2}).json()["hits"]) == 2
+    # One place per parameter: a query-string k is not read (the default 3 applies), nor does it override the form.
+    assert len(client.post("/v1/search", files=files, params={"k": 2}).json()["hits"]) == 3
+    assert len(client.post("/v1/search", files=files, data={"k": "4"}, params={"k": 2}).json()["hits"]) == 4
     everything = client.post("/v1/search", files=files, data={"k": str(MAX_K)}).json()
     assert everything["k"] == MAX_K and len(everything["hits"]) == len(gallery)
 
@@ -174,17 +159,44 @@ def test_settings_validation_and_environment(monkeypatch, tmp_path):
     settings = ServeSettings()
     assert settings.index == tmp_path and settings.port == 9123 and settings.host == "127.0.0.1"
     assert (settings.default_k, settings.max_k, settings.max_upload_mb) == (10, 100, 10)
+    assert settings.api_key is None and settings.cors_origins == [] and settings.batch_max_size == 1
     monkeypatch.setenv("RETRIEVAL_MAX_K", "4")
     assert (ServeSettings().default_k, ServeSettings().max_k) == (4, 4)  # the default follows a lower max_k
+    monkeypatch.setenv("RETRIEVAL_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("RETRIEVAL_API_KEY", "s3cret")
+    monkeypatch.setenv("RETRIEVAL_BATCH_MAX_SIZE", "8")
+    settings = ServeSettings()
+    assert settings.cors_origins == ["https://a.example", "https://b.example"] and settings.batch_max_size == 8
+    assert settings.api_key.get_secret_value() == "s3cret" and "s3cret" not in repr(settings)
+    monkeypatch.setenv("RETRIEVAL_CORS_ORIGINS", '["https://c.example"]')
+    assert ServeSettings().cors_origins == ["https://c.example"]
+    monkeypatch.delenv("RETRIEVAL_API_KEY")
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    assert ServeSettings(api_key_file=key_file).api_key.get_secret_value() == "from-a-file"
+    with pytest.raises(ValidationError, match="not both"):
+        ServeSettings(api_key_file=key_file, api_key="x")
+    with pytest.raises(ValidationError, match="cannot read api_key_file"):
+        ServeSettings(api_key_file=tmp_path / "missing")
+    with pytest.raises(ValidationError, match="batch_max_size"):
+        ServeSettings(batch_max_size=0)
 
 
 def test_create_app_loads_nothing_and_documents_the_api(tmp_path):
     # The index does not exist: building the app must not touch it (loading happens in the lifespan).
     app = create_app(ServeSettings(index=tmp_path / "no-index", max_k=7))
     spec = app.openapi()
-    query = {p["name"]: p for p in spec["paths"]["/v1/search"]["post"]["parameters"]}
-    assert set(query) == {"k", "granularity", "min_score"} and query["k"]["schema"]["anyOf"][0]["maximum"] == 7
-    assert "/v1/healthz" in spec["paths"]
+    search = spec["paths"]["/v1/search"]["post"]
+    assert "parameters" not in search  # every parameter is a form field, none in the query string
+    form_ref = search["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
+    form = spec["components"]["schemas"][form_ref]["properties"]
+    assert set(form) == {"image", "k", "granularity", "min_score"} and form["k"]["anyOf"][0]["maximum"] == 7
+    assert all(field.get("description") for field in form.values())
+    for path in ("/v1/healthz", "/v1/readyz", "/v1/index", "/v1/search/embedding", "/metrics"):
+        assert path in spec["paths"], path
+    for name in ("SearchResponse", "Hit", "EmbeddingSearchRequest", "IndexDescription"):
+        fields = spec["components"]["schemas"][name]["properties"]
+        assert all(field.get("description") for field in fields.values()), name
 
 
 def test_validation_errors_do_not_echo_the_input(client):
@@ -211,7 +223,7 @@ def test_granularity_on_an_uncalibrated_index_is_400(client, gallery):
     assert response.status_code == 400
     assert "retrieval index calibrate" in response.json()["detail"]
     plain = client.post("/v1/search", files=files).json()
-    assert all("level" not in hit for hit in plain["hits"])  # no calibration: no level key
+    assert all(hit["level"] is None for hit in plain["hits"])  # no calibration: no level
 
 
 def test_search_at_a_granularity(calibrated_index, gallery):
@@ -222,9 +234,9 @@ def test_search_at_a_granularity(calibrated_index, gallery):
         thresholds = calibrated.app.state.engine.thresholds
         files = {"image": ("q.png", _png(gallery, 2), "image/png")}
         plain = calibrated.post("/v1/search", files=files, data={"k": str(MAX_K)}).json()
-        assert plain["hits"][0]["level"] == "fine" and "granularity" not in plain
+        assert plain["hits"][0]["level"] == "fine" and plain["granularity"] is None
         for level, threshold in thresholds.items():
-            for options in ({"data": {"granularity": level, "k": "5"}}, {"params": {"granularity": level, "k": 5}}):
+            for options in ({"data": {"granularity": level, "k": "5"}},):
                 response = calibrated.post("/v1/search", files=files, **options)
                 assert response.status_code == 200, response.text
                 body = response.json()
@@ -244,7 +256,7 @@ def test_search_with_min_score_returns_every_hit_above_it(client, gallery):
     files = {"image": ("q.png", _png(gallery, 2), "image/png")}
     plain = client.post("/v1/search", files=files, data={"k": str(len(gallery))}).json()["hits"]
     threshold = (plain[2]["score"] + plain[3]["score"]) / 2  # between the 3rd and 4th best
-    for options in ({"data": {"min_score": str(threshold)}}, {"params": {"min_score": threshold}}):
+    for options in ({"data": {"min_score": str(threshold)}},):
         response = client.post("/v1/search", files=files, **options)
         assert response.status_code == 200, response.text
         body = response.json()

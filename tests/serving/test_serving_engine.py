@@ -121,3 +121,42 @@ def test_granularity_on_an_uncalibrated_index_is_a_clear_error(serving_index, se
         with pytest.raises(NotCalibratedError, match="retrieval index calibrate") as err:
             engine.search([gallery.load_image(0)], k=3, granularity="fine")
     assert isinstance(err.value, UserFacingError)
+
+
+def test_search_embeddings_matches_search_and_vectors_are_validated(serving_index, serving_gallery):
+    from serving.engine import ForeignEmbeddingError, QueryVectorError
+
+    gallery = CsvImageDataset(serving_gallery)
+    images = [gallery.load_image(i) for i in range(3)]
+    with SearchEngine.open(serving_index) as engine:
+        vectors = engine.embed(images)
+        assert vectors.shape == (3, 32) and vectors.dtype == np.float32
+        by_image, by_vector = engine.search(images, k=4), engine.search_embeddings(vectors, k=4)
+        assert [r.ids for r in by_image] == [r.ids for r in by_vector]
+        assert engine.accepted_encoder_ids == [engine.encoder_id]
+        checked = engine.check_query_vectors(vectors[0].tolist(), engine.encoder_id)
+        assert checked.shape == (1, 32) and checked.dtype == np.float32
+        with pytest.raises(ForeignEmbeddingError, match="abc"):
+            engine.check_query_vectors(vectors[0], "abc")
+        for bad, message in [
+            (vectors[0, :16], "16 dimensions"),
+            (np.full(32, np.inf), "non-finite"),
+            (vectors[0] * 1.5, "L2-normalised"),
+            (np.zeros(32), "L2-normalised"),
+        ]:
+            with pytest.raises(QueryVectorError, match=message):
+                engine.check_query_vectors(bad, engine.encoder_id)
+        engine.warm_up()
+        description = engine.describe()
+        assert str(serving_index) not in str(description) and description["count"] == len(gallery)
+
+
+def test_granularity_errors_name_no_server_path(serving_index, calibrated_index):
+    with SearchEngine.open(serving_index) as engine, pytest.raises(NotCalibratedError) as err:
+        engine.granularity_threshold("fine")
+    assert str(serving_index) not in str(err.value) and "retrieval index calibrate" in str(err.value)
+    with SearchEngine.open(calibrated_index) as engine:
+        with pytest.raises(UnknownGranularityError) as err:
+            engine.search_embeddings(np.eye(1, 32, dtype=np.float32), 3, granularity="tiny")
+        assert engine.granularity_threshold("fine") == engine.thresholds["fine"]
+    assert str(calibrated_index) not in str(err.value) and "fine, middle, coarse" in str(err.value)

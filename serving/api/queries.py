@@ -1,0 +1,82 @@
+"""Answering queries against a ``SearchEngine``: what the micro-batcher runs in its worker thread.
+
+Decoding, embedding and searching a batch of uploads happen in one thread hop: a lone query costs
+one hand-over from the event loop, and a batch of uploads shares one ``encode`` call. An upload that
+does not decode fails alone; the rest of its batch is answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from indexing import SearchResults
+from retrieval.data.images import decode_image_bytes
+from serving.engine import SearchEngine
+
+__all__ = ["Answer", "ImageQuery", "answer_image_queries", "answer_vectors"]
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """One uploaded image and what to search for.
+
+    Attributes:
+        data: the file's bytes.
+        name: the client's file name, for error messages.
+        k: most hits.
+        granularity: a calibrated level (already checked), or ``None``.
+        min_score: range-search threshold, or ``None`` for a k-NN search.
+    """
+
+    data: bytes
+    name: str
+    k: int
+    granularity: str | None = None
+    min_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The hits of one query and, for a range search, whether the k-NN fallback ran (else ``None``)."""
+
+    results: SearchResults
+    range_fallback: bool | None = None
+
+
+def answer_vectors(
+    engine: SearchEngine, vectors: np.ndarray, k: int, granularity: str | None = None, min_score: float | None = None
+) -> Answer:
+    """Search one query vector (``(1, dim)``): k-NN (optionally at a granularity) or, with ``min_score``, a range."""
+    if min_score is None:
+        (results,) = engine.search_embeddings(vectors, k, granularity)
+        return Answer(results)
+    (results,), fallback = engine.search_embeddings_above(vectors, min_score, k)
+    return Answer(results, fallback)
+
+
+def answer_image_queries(engine: SearchEngine, queries: list[ImageQuery]) -> list[Answer | BaseException]:
+    """Decode every upload, embed the decodable ones in one call, and search each; one outcome per query.
+
+    A ``CorruptImageError`` (or any per-query ``ValueError``) is returned in the query's place; a failure of
+    the encoder itself propagates and fails the whole batch.
+    """
+    outcomes: list[Answer | BaseException | None] = [None] * len(queries)
+    decoded = []
+    for position, query in enumerate(queries):
+        try:
+            decoded.append((position, decode_image_bytes(query.data, query.name)))
+        except ValueError as exc:  # CorruptImageError is a ValueError
+            outcomes[position] = exc
+    if decoded:
+        vectors = engine.embed([image for _, image in decoded])
+        for (position, _), vector in zip(decoded, vectors, strict=True):
+            query = queries[position]
+            try:
+                outcomes[position] = answer_vectors(
+                    engine, vector[None, :], query.k, query.granularity, query.min_score
+                )
+            except ValueError as exc:
+                outcomes[position] = exc
+    return [outcome if outcome is not None else RuntimeError("query left unanswered") for outcome in outcomes]

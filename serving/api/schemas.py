@@ -1,0 +1,134 @@
+"""Request and response bodies of the HTTP API, as pydantic models.
+
+They are the contract shared by the API, the search page and on-device clients, and FastAPI turns
+them into the OpenAPI schema, so every field says what it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from indexing import SearchHit
+
+__all__ = [
+    "EmbeddingSearchRequest",
+    "ErrorBody",
+    "Health",
+    "Hit",
+    "IndexDescription",
+    "Readiness",
+    "SearchResponse",
+    "thumbnail_url",
+]
+
+#: Largest embedding a request may carry; real encoders stay far below it, and it bounds the JSON to parse.
+MAX_EMBEDDING_DIM = 16384
+
+
+def thumbnail_url(item_id: int) -> str:
+    """Where the page (and any client) fetches the thumbnail of an indexed item."""
+    return f"/v1/items/{item_id}/thumbnail"
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: one message written for the caller (422 validation errors carry a list)."""
+
+    detail: str | list[dict[str, Any]] = Field(description="what was wrong with the request")
+
+
+class Hit(BaseModel):
+    """One gallery item matching the query."""
+
+    id: int = Field(description="the item's id in the index (its position in the gallery at build time)")
+    score: float = Field(description="cosine similarity of the query and the item, in [-1, 1]; higher is closer")
+    path: str | None = Field(description="the item's image path or name as recorded at indexing, if any")
+    labels: dict[str, str] = Field(description="the item's class name per label level, e.g. {'fine': 'red-shirt'}")
+    level: str | None = Field(
+        description="the finest calibrated level whose threshold the score reaches (null: index not calibrated, "
+        "or below every threshold)"
+    )
+    extra: dict[str, Any] | None = Field(description="the item's other metadata (SKU, URL, ...), or null")
+    thumbnail_url: str = Field(description="URL of a JPEG thumbnail of the item on this server")
+
+    @classmethod
+    def from_hit(cls, hit: SearchHit) -> Hit:
+        return cls(
+            id=hit.id,
+            score=hit.score,
+            path=hit.path,
+            labels=dict(hit.labels),
+            level=hit.level,
+            extra=dict(hit.extra) if hit.extra else None,
+            thumbnail_url=thumbnail_url(hit.id),
+        )
+
+
+class SearchResponse(BaseModel):
+    """The ranked hits of one query, best first."""
+
+    k: int = Field(description="the most hits asked for")
+    took_ms: float = Field(description="server time for the request, from its arrival to the answer, in ms")
+    query_encoder_id: str = Field(description="id of the encoder that embedded the query")
+    granularity: str | None = Field(description="the level asked for (only hits above its threshold), or null")
+    min_score: float | None = Field(description="the score every hit exceeds (range search), or null")
+    range_search: Literal["native", "knn_fallback"] | None = Field(
+        description="with min_score: FAISS's own range search, or a k-NN search filtered at min_score"
+    )
+    hits: list[Hit] = Field(description="the matching items, best first")
+
+
+class EmbeddingSearchRequest(BaseModel):
+    """A query embedded on the client (the on-device model), searched without sending the image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding: list[float] = Field(
+        min_length=1,
+        max_length=MAX_EMBEDDING_DIM,
+        description="the query vector: the index's dimension, finite, L2-normalised (norm 1 within 0.01)",
+    )
+    encoder_id: str = Field(
+        min_length=1,
+        max_length=256,
+        description="id of the model that produced the vector; must be one of the index's accepted_encoder_ids",
+    )
+    k: int | None = Field(default=None, ge=1, description="most hits to return (default: the server's default_k)")
+    granularity: str | None = Field(
+        default=None, max_length=64, description="a calibrated level: only hits above its threshold"
+    )
+    min_score: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="return every item scoring above this (range search)"
+    )
+
+
+class Health(BaseModel):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"] = Field(description="always 'ok'")
+
+
+class Readiness(BaseModel):
+    """Readiness: the index and the query encoder are open and one warm-up query ran."""
+
+    status: Literal["ready"] = Field(description="'ready' (a 503 with a detail otherwise)")
+    count: int = Field(description="items in the index")
+    query_encoder_id: str = Field(description="id of the served query encoder")
+
+
+class IndexDescription(BaseModel):
+    """What this server searches."""
+
+    count: int = Field(description="items in the index")
+    dim: int = Field(description="embedding dimension")
+    encoder_id: str = Field(description="id of the encoder that embedded the gallery")
+    query_encoder_id: str = Field(description="id of the encoder that embeds uploaded query images")
+    query_encoder_teacher_id: str | None = Field(
+        description="the teacher the query encoder was distilled into, or null when it is the index encoder"
+    )
+    accepted_encoder_ids: list[str] = Field(description="encoder ids whose vectors POST /v1/search/embedding accepts")
+    levels: list[str] = Field(description="label levels of the gallery metadata, finest first")
+    granularities: list[str] = Field(description="calibrated levels a search may ask for, finest first")
+    thresholds: dict[str, float] = Field(description="calibrated similarity threshold per level")
+    index_type: str = Field(description="the FAISS index factory string, e.g. 'Flat' (exact) or 'IVF1024,PQ32'")
