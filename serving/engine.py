@@ -163,12 +163,19 @@ class SearchEngine(Closeable):
             )
         return thresholds[granularity]
 
-    def check_query_vectors(self, vectors: object, encoder_id: str) -> np.ndarray:
+    def check_query_vectors(self, vectors: object, encoder_id: str, teacher_id: str | None = None) -> np.ndarray:
         """Validate query vectors embedded elsewhere (an on-device model) and return them as ``(Q, dim)`` float32.
+
+        A phone may run a student distilled into this index's space that the server does not serve itself
+        (the server embeds uploads with the teacher, say); such a model declares its ``teacher_id``, as
+        its exported metadata says, and is accepted when that is the index's encoder. The ids guard
+        against mistakes (a model for another index), not against a client that lies about them.
 
         Args:
             vectors: one vector or a sequence of vectors.
-            encoder_id: id of the encoder that produced them; must be in ``accepted_encoder_ids``.
+            encoder_id: id of the encoder that produced them; accepted when in ``accepted_encoder_ids``.
+            teacher_id: for a distilled student, the id of the encoder it was distilled into; accepted when it
+                is the index's encoder id.
 
         Raises:
             ForeignEmbeddingError: ``encoder_id`` is not accepted (the vectors live in another space).
@@ -176,10 +183,11 @@ class SearchEngine(Closeable):
                 (within ``NORM_TOLERANCE``).
         """
         accepted = self.accepted_encoder_ids
-        if encoder_id not in accepted:
+        if encoder_id not in accepted and teacher_id != self.encoder_id:
+            teacher = f" (distilled into {teacher_id!r})" if teacher_id else ""
             raise ForeignEmbeddingError(
-                f"the embedding comes from encoder {encoder_id!r}, whose space this index does not share; "
-                f"accepted encoder ids: {', '.join(accepted)}"
+                f"the embedding comes from encoder {encoder_id!r}{teacher}, whose space this index does not share; "
+                f"accepted: encoder ids {', '.join(accepted)}, or a student whose teacher_id is {self.encoder_id}"
             )
         try:
             array = np.asarray(vectors, dtype=np.float64)

@@ -92,7 +92,14 @@ class EmbeddingSearchRequest(BaseModel):
     encoder_id: str = Field(
         min_length=1,
         max_length=256,
-        description="id of the model that produced the vector; must be one of the index's accepted_encoder_ids",
+        description="id of the model that produced the vector; one of the index's accepted_encoder_ids, or a "
+        "student's id together with its teacher_id",
+    )
+    teacher_id: str | None = Field(
+        default=None,
+        max_length=256,
+        description="for a distilled student (its model metadata's teacher_id): accepted when it is the index's "
+        "encoder id",
     )
     k: int | None = Field(default=None, ge=1, description="most hits to return (default: the server's default_k)")
     granularity: str | None = Field(

@@ -133,7 +133,7 @@ def search_router(settings: ServeSettings, dependencies: list) -> APIRouter:
             raise HTTPException(status_code=422, detail=f"k must be at most {settings.max_k}, got {body.k}")
         _granularity_checked(engine, body.granularity, body.min_score)
         try:
-            vectors = engine.check_query_vectors(body.embedding, body.encoder_id)
+            vectors = engine.check_query_vectors(body.embedding, body.encoder_id, body.teacher_id)
         except ForeignEmbeddingError as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         except QueryVectorError as exc:

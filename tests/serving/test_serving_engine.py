@@ -138,6 +138,10 @@ def test_search_embeddings_matches_search_and_vectors_are_validated(serving_inde
         assert checked.shape == (1, 32) and checked.dtype == np.float32
         with pytest.raises(ForeignEmbeddingError, match="abc"):
             engine.check_query_vectors(vectors[0], "abc")
+        # a student the server does not serve is accepted by its teacher id, a student of another teacher is not
+        assert engine.check_query_vectors(vectors[0], "student-id", teacher_id=engine.encoder_id).shape == (1, 32)
+        with pytest.raises(ForeignEmbeddingError, match="other-teacher"):
+            engine.check_query_vectors(vectors[0], "student-id", teacher_id="other-teacher")
         for bad, message in [
             (vectors[0, :16], "16 dimensions"),
             (np.full(32, np.inf), "non-finite"),
