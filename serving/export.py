@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from retrieval.errors import UserFacingError
+from serving.export_files import publish, staged_file
 from serving.onnx_metadata import OnnxMetadataError, encoder_metadata
 
 if TYPE_CHECKING:
@@ -113,11 +112,7 @@ def export_onnx(
     pre = encoder.config.preprocess
     size = int(example_size or pre.input_size)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", suffix=".onnx", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with staged_file(out_path, suffix=".onnx") as tmp:
         example = _example_images(pre.mean, pre.std, batch=2, size=size, seed=0)
         with torch.no_grad(), _quiet_exporter_logs():
             used = _run_exporter(model, example, tmp, opset, exporter)
@@ -131,12 +126,7 @@ def export_onnx(
                 f"ONNX export of encoder {metadata['encoder_id']} does not reproduce PyTorch: minimum cosine "
                 f"{worst:.6f} < {PARITY_THRESHOLD} (exporter {used}, opset {opset})"
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; an exported model is meant to be shared
-        _fsync_file(tmp)
-        os.replace(tmp, out_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        publish(tmp, out_path)
     logger.info(
         "exported encoder %s to %s (%s exporter, parity cosine %.6f)", metadata["encoder_id"], out_path, used, worst
     )
@@ -291,8 +281,3 @@ def _quiet_exporter_logs() -> Iterator[None]:
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())

@@ -20,6 +20,8 @@ from retrieval.data.preprocess import PreprocessConfig
 from retrieval.errors import UserFacingError
 
 if TYPE_CHECKING:
+    import onnx
+
     from models.encoder import Encoder
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "encoder_metadata",
     "parse_onnx_metadata",
     "read_onnx_metadata",
+    "update_onnx_metadata",
 ]
 
 #: Value of the ``format`` property; bump the suffix when the graph's inputs/outputs or the keys change.
@@ -173,6 +176,24 @@ def read_onnx_metadata(path: str | Path) -> OnnxEncoderInfo:
     except Exception as exc:  # onnx raises DecodeError and friends from protobuf
         raise OnnxMetadataError(f"cannot read ONNX model {path}: {exc}") from exc
     return parse_onnx_metadata({prop.key: prop.value for prop in model.metadata_props}, str(path))
+
+
+def update_onnx_metadata(model: onnx.ModelProto, updates: Mapping[str, str], source: str) -> OnnxEncoderInfo:
+    """Set ``updates`` in the ``metadata_props`` of ``model`` (in memory), keeping the other keys, and validate.
+
+    A converted export (fp16, int8 mobile) is the same encoder with another precision or input format; it
+    keeps every key of the float export and changes only those.
+
+    Raises:
+        OnnxMetadataError: the result is not valid query-encoder metadata (e.g. an unknown precision).
+    """
+    props = {prop.key: prop.value for prop in model.metadata_props} | dict(updates)
+    info = parse_onnx_metadata(props, source)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return info
 
 
 def _json(props: Mapping[str, str], key: str) -> Any:
