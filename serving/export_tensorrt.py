@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from serving.export import INPUT_NAME, OUTPUT_NAME, ExportError, export_onnx
 from serving.export_files import publish, staged_file
-from serving.runtimes.tensorrt_sidecar import ENGINE_FORMAT, sidecar_path
+from serving.runtimes.tensorrt_sidecar import engine_sidecar, write_engine_sidecar
 
 if TYPE_CHECKING:
     from models.encoder import Encoder
@@ -32,7 +32,6 @@ __all__ = [
     "batch_profile",
     "export_tensorrt",
     "require_tensorrt",
-    "write_engine_sidecar",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,37 +107,6 @@ def batch_profile(min_batch: int, opt_batch: int, max_batch: int, input_size: in
     }
 
 
-def write_engine_sidecar(
-    engine_path: str | Path,
-    metadata: dict[str, str],
-    tensorrt_version: str,
-    profile: dict[str, list[int]],
-    input_name: str = INPUT_NAME,
-    output_name: str = OUTPUT_NAME,
-) -> Path:
-    """Write ``engine_path``'s sidecar (``X.engine.json``) atomically and return its path.
-
-    Args:
-        engine_path: the engine the sidecar describes.
-        metadata: the ONNX export's ``metadata_props`` (string values, as ``encoder_metadata`` writes them).
-        tensorrt_version: ``tensorrt.__version__`` of the builder.
-        profile: from ``batch_profile``.
-        input_name, output_name: the engine's I/O tensors.
-    """
-    data: dict[str, Any] = dict(metadata) | {
-        "engine_format": ENGINE_FORMAT,
-        "tensorrt_version": tensorrt_version,
-        "input_name": input_name,
-        "output_name": output_name,
-        "profile": {key: list(shape) for key, shape in profile.items()},
-    }
-    path = sidecar_path(engine_path)
-    with staged_file(path, ".json") as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        publish(tmp, path)
-    return path
-
-
 def export_tensorrt(
     encoder: Encoder | str | Path,
     out_path: str | Path,
@@ -176,7 +144,9 @@ def export_tensorrt(
             tmp.write_bytes(engine)
             engine_cosine = _engine_parity(trt, tmp, onnx_path, metadata, profile)
             publish(tmp, out_path)
-    sidecar = write_engine_sidecar(out_path, metadata, trt.__version__, profile)
+    sidecar = write_engine_sidecar(
+        out_path, engine_sidecar(metadata, trt.__version__, INPUT_NAME, OUTPUT_NAME, profile)
+    )
     logger.info("built TensorRT %s engine %s (cosine vs ONNX %.6f)", trt.__version__, out_path, engine_cosine)
     return TensorRTExport(
         out_path, sidecar, trt.__version__, metadata["precision"], profile, onnx_cosine, engine_cosine

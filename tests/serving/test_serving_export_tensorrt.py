@@ -15,9 +15,14 @@ from serving.export_tensorrt import (
     TensorRTUnavailableError,
     batch_profile,
     export_tensorrt,
+)
+from serving.runtimes.tensorrt_sidecar import (
+    ENGINE_FORMAT,
+    engine_sidecar,
+    read_engine_sidecar,
+    sidecar_path,
     write_engine_sidecar,
 )
-from serving.runtimes.tensorrt_sidecar import ENGINE_FORMAT, read_engine_sidecar, sidecar_path
 
 
 def _has_gpu_tensorrt() -> bool:
@@ -52,7 +57,7 @@ def test_sidecar_round_trips_through_the_runtime_reader(serving_onnx, tmp_path):
     engine = tmp_path / "query.engine"
     engine.write_bytes(b"not a real engine; the sidecar reader never opens it")
     profile = batch_profile(1, 8, 32, int(metadata["input_size"]))
-    path = write_engine_sidecar(engine, metadata, "10.9.0", profile)
+    path = write_engine_sidecar(engine, engine_sidecar(metadata, "10.9.0", "images", "embeddings", profile))
     assert path == sidecar_path(engine) == tmp_path / "query.engine.json"
     data = json.loads(path.read_text())
     assert data["engine_format"] == ENGINE_FORMAT and data["profile"]["max"] == [32, 3, 32, 32]
