@@ -103,7 +103,13 @@ def _include_page(app: FastAPI, auth: list) -> None:
 async def _lifespan(app: FastAPI, settings: ServeSettings, engine: SearchEngine | None) -> AsyncIterator[None]:
     """Open the engine (unless handed in), start the batcher, warm up in the background; undo it all at shutdown."""
     opened = engine or await anyio.to_thread.run_sync(
-        partial(SearchEngine.open, settings.index, settings.query_encoder, runtime=settings.runtime)
+        partial(
+            SearchEngine.open,
+            settings.index,
+            settings.query_encoder,
+            runtime=settings.runtime,
+            **settings.runtime_options(),
+        )
     )
     logger.info("serving %r", opened)
     batcher = MicroBatcher(
@@ -154,5 +160,7 @@ def serve(settings: ServeSettings) -> None:
     """
     import uvicorn
 
-    engine = SearchEngine.open(settings.index, settings.query_encoder, runtime=settings.runtime)
+    engine = SearchEngine.open(
+        settings.index, settings.query_encoder, runtime=settings.runtime, **settings.runtime_options()
+    )
     uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port)

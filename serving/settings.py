@@ -33,7 +33,10 @@ class ServeSettings(BaseSettings):
         index: the index directory to serve.
         query_encoder: checkpoint directory or ``.onnx`` file embedding the queries; defaults to the
             encoder that built the index (``manifest.encoder_path``).
-        runtime: force a query-encoder runtime ("torch", "onnxruntime"); chosen from the path by default.
+        runtime: force a query-encoder runtime ("torch", "onnxruntime", "tensorrt"); by default the first
+            runtime of ``serving.runtimes`` that accepts the path.
+        providers: ONNX Runtime execution providers in order of preference (``cuda``, ``cpu``, ``tensorrt``
+            or full names); default CUDA when installed, then CPU. From the environment: comma-separated.
         host: interface to bind; loopback by default so a development server is not exposed.
         port: TCP port.
         max_upload_mb: largest accepted upload, in MiB (larger requests get 413).
@@ -58,6 +61,7 @@ class ServeSettings(BaseSettings):
     index: Path
     query_encoder: Path | None = None
     runtime: str | None = None
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_upload_mb: float = Field(10, gt=0)
@@ -70,9 +74,9 @@ class ServeSettings(BaseSettings):
     batch_max_wait_ms: float = Field(DEFAULT_BATCH_MAX_WAIT_MS, ge=0, le=1000)
     warmup: bool = True
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "providers", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -106,6 +110,10 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"api_key_file {self.api_key_file} is empty")
         self.api_key = SecretStr(key)
         return self
+
+    def runtime_options(self) -> dict[str, object]:
+        """Keyword options for ``serving.runtimes.open_query_encoder`` (only those that were set)."""
+        return {"providers": list(self.providers)} if self.providers else {}
 
     @property
     def max_upload_bytes(self) -> int:

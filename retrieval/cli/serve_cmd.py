@@ -17,55 +17,62 @@ from retrieval.cli.common import user_errors
 
 
 def serve(
-    index: Path | None = typer.Option(None, "--index", help="Index directory to serve [env RETRIEVAL_INDEX]."),
+    index: Path | None = typer.Option(None, "--index", help="Index directory to serve (env RETRIEVAL_INDEX)."),
     query_encoder: Path | None = typer.Option(
         None,
         "--query-encoder",
-        help="Checkpoint dir or .onnx file; default: the encoder that built the index [env RETRIEVAL_QUERY_ENCODER].",
+        help="Checkpoint dir, .onnx/.ort file or TensorRT engine; default: the encoder that built the index "
+        "(env RETRIEVAL_QUERY_ENCODER).",
     ),
     runtime: str | None = typer.Option(
-        None, "--runtime", help="Force a query-encoder runtime (torch, onnxruntime, ...) [env RETRIEVAL_RUNTIME]."
+        None, "--runtime", help="Force a query-encoder runtime (torch, onnxruntime, ...) (env RETRIEVAL_RUNTIME)."
     ),
-    host: str | None = typer.Option(None, "--host", help="Interface to bind; default 127.0.0.1 [env RETRIEVAL_HOST]."),
+    provider: list[str] | None = typer.Option(
+        None,
+        "--provider",
+        help="ONNX Runtime execution provider (cuda, cpu, tensorrt); repeat in order of preference; default CUDA "
+        "when installed, then CPU (env RETRIEVAL_PROVIDERS, comma-separated).",
+    ),
+    host: str | None = typer.Option(None, "--host", help="Interface to bind; default 127.0.0.1 (env RETRIEVAL_HOST)."),
     port: int | None = typer.Option(
-        None, "--port", min=0, max=65535, help="TCP port; default 8000 [env RETRIEVAL_PORT]."
+        None, "--port", min=0, max=65535, help="TCP port; default 8000 (env RETRIEVAL_PORT)."
     ),
     max_upload_mb: float | None = typer.Option(
-        None, "--max-upload-mb", help="Largest upload in MiB; default 10 [env RETRIEVAL_MAX_UPLOAD_MB]."
+        None, "--max-upload-mb", help="Largest upload in MiB; default 10 (env RETRIEVAL_MAX_UPLOAD_MB)."
     ),
     default_k: int | None = typer.Option(
-        None, "--default-k", help="Hits when a request gives no k; default 10 [env RETRIEVAL_DEFAULT_K]."
+        None, "--default-k", help="Hits when a request gives no k; default 10 (env RETRIEVAL_DEFAULT_K)."
     ),
     max_k: int | None = typer.Option(
-        None, "--max-k", help="Largest k a request may ask; default 100 [env RETRIEVAL_MAX_K]."
+        None, "--max-k", help="Largest k a request may ask; default 100 (env RETRIEVAL_MAX_K)."
     ),
     api_key_file: Path | None = typer.Option(
         None,
         "--api-key-file",
-        help="File holding the API key clients must send as X-API-Key [env RETRIEVAL_API_KEY_FILE, or the key "
-        "itself in RETRIEVAL_API_KEY]; there is no --api-key flag, since ps shows command lines to every user.",
+        help="File holding the API key clients must send as X-API-Key (env RETRIEVAL_API_KEY_FILE, or the key "
+        "itself in RETRIEVAL_API_KEY); there is no --api-key flag, since ps shows command lines to every user.",
     ),
     cors_origin: list[str] | None = typer.Option(
         None,
         "--cors-origin",
         help="Origin allowed to call the API from a browser; repeat for several, '*' for any; default none "
-        "[env RETRIEVAL_CORS_ORIGINS, comma-separated].",
+        "(env RETRIEVAL_CORS_ORIGINS, comma-separated).",
     ),
     batch_max_size: int | None = typer.Option(
         None,
         "--batch-max-size",
         help="Most query images embedded together (16 suits a GPU); default 1: no batching "
-        "[env RETRIEVAL_BATCH_MAX_SIZE].",
+        "(env RETRIEVAL_BATCH_MAX_SIZE).",
     ),
     batch_max_wait_ms: float | None = typer.Option(
         None,
         "--batch-max-wait-ms",
-        help="How long a query waits for others to batch with; default 0 [env RETRIEVAL_BATCH_MAX_WAIT_MS].",
+        help="How long a query waits for others to batch with; default 0 (env RETRIEVAL_BATCH_MAX_WAIT_MS).",
     ),
     warmup: bool | None = typer.Option(
         None,
         "--warmup/--no-warmup",
-        help="Run one query before /v1/readyz says ready; default on [env RETRIEVAL_WARMUP].",
+        help="Run one query before /v1/readyz says ready; default on (env RETRIEVAL_WARMUP).",
     ),
 ) -> None:
     """Serve the search API (POST /v1/search, /v1/search/embedding; GET /v1/index, /metrics, /docs) with uvicorn."""
@@ -80,6 +87,7 @@ def serve(
             "index": index,
             "query_encoder": query_encoder,
             "runtime": runtime,
+            "providers": provider or None,
             "host": host,
             "port": port,
             "max_upload_mb": max_upload_mb,

@@ -21,7 +21,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_flags_and_environment(serving_index, serving_onnx, tmp_path):
+def test_serve_flags_and_environment(serving_index, serving_onnx, serving_gallery, tmp_path):
     key_file = tmp_path / "api-key"
     key_file.write_text("file-key\n")
     port = _free_port()
@@ -30,7 +30,13 @@ def test_serve_flags_and_environment(serving_index, serving_onnx, tmp_path):
         "--index", str(serving_index), "--query-encoder", str(serving_onnx), "--port", str(port),
         "--api-key-file", str(key_file), "--cors-origin", ORIGIN, "--batch-max-size", "1", "--max-k", "7",
     ]  # fmt: skip
-    env = {**os.environ, "RETRIEVAL_DEFAULT_K": "2", "RETRIEVAL_MAX_K": "50", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "RETRIEVAL_DEFAULT_K": "2",
+        "RETRIEVAL_MAX_K": "50",
+        "RETRIEVAL_PROVIDERS": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
     root = Path(__file__).resolve().parents[2]
     process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -57,12 +63,11 @@ def test_serve_flags_and_environment(serving_index, serving_onnx, tmp_path):
                 s["properties"]["k"]["anyOf"][0]["maximum"] for s in form.values() if "image" in s.get("properties", {})
             ]
             assert k_max == [7]  # the flag beat RETRIEVAL_MAX_K=50
-            image = next(Path(serving_index).parent.parent.glob("serving_gallery*/img_0.png"), None)
-            if image is not None:
-                hits = client.post(
-                    "/v1/search", files={"image": ("q.png", image.read_bytes())}, headers={"X-API-Key": "file-key"}
-                ).json()["hits"]
-                assert len(hits) == 2  # RETRIEVAL_DEFAULT_K applied where no flag was given
+            image = serving_gallery.parent / "img_0.png"
+            hits = client.post(
+                "/v1/search", files={"image": ("q.png", image.read_bytes())}, headers={"X-API-Key": "file-key"}
+            ).json()["hits"]
+            assert len(hits) == 2  # RETRIEVAL_DEFAULT_K applied where no flag was given
             cors = client.get("/v1/healthz", headers={"Origin": ORIGIN})
             assert cors.headers["access-control-allow-origin"] == ORIGIN
     finally:
@@ -74,7 +79,7 @@ def test_serve_flags_and_environment(serving_index, serving_onnx, tmp_path):
             process.wait()
 
 
-def test_serve_refuses_bad_settings_with_one_line(serving_index, tmp_path):
+def test_serve_refuses_bad_settings_with_one_line(serving_index, serving_onnx, tmp_path):
     from typer.testing import CliRunner
 
     from retrieval.cli.main import app
@@ -84,5 +89,10 @@ def test_serve_refuses_bad_settings_with_one_line(serving_index, tmp_path):
     assert result.exit_code == 2 and "cannot read api_key_file" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["serve", "--index", str(serving_index), "--batch-max-size", "0"])
     assert result.exit_code == 2 and "batch_max_size" in result.output
+    result = runner.invoke(app, ["serve", "--index", str(serving_index), "--provider", "cpu"])
+    assert result.exit_code == 2 and "runtime 'torch' takes no option providers" in result.output
+    onnx = ["serve", "--index", str(serving_index), "--query-encoder", str(serving_onnx)]
+    result = runner.invoke(app, [*onnx, "--provider", "nosuch"])
+    assert result.exit_code == 2 and "nosuch" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["serve"], env={"RETRIEVAL_INDEX": None})  # no --index and none in the environment
     assert result.exit_code == 2 and "invalid server settings" in result.output and "index" in result.output
