@@ -89,6 +89,11 @@ def _print_summary(result: dict[str, Any]) -> None:
     console.print(
         f"  retrieval serve --index {paths['index']} --query-encoder {paths['query_encoder']}", highlight=False
     )
+    if "mobile_query_encoder" in paths:
+        console.print("then search from the device side (the photo is embedded here, only the vector is sent):")
+        console.print(
+            f"  python examples/query_client.py --model {paths['mobile_query_encoder']} PHOTO.png", highlight=False
+        )
 
 
 def _print_student(teacher: dict[str, Any], student: dict[str, Any]) -> None:
@@ -113,6 +118,13 @@ def _print_student(teacher: dict[str, Any], student: dict[str, Any]) -> None:
         f"student: {student['steps']} steps in {student['seconds']:.0f}s; asymmetric mAP = {100 * ratio:.0f}% of the "
         f"teacher's; one query (ONNX, preprocessing included): student {latency['student_ms']:.1f} ms, teacher "
         f"{latency['teacher_ms']:.1f} ms (ratio {latency['ratio']:.2f})"
+    )
+    mobile = student["mobile"]
+    console.print(
+        f"mobile model (int8, uint8 input): {mobile['int8_bytes'] / 1e6:.2f} MB ({mobile['size_ratio']:.2f}x the "
+        f"float32 one), {mobile['int8_ms']:.2f} ms vs {mobile['fp32_ms']:.2f} ms a query on one thread; agreement "
+        f"with float32 on {mobile['agreement_images']} held-out images: mean cosine {mobile['mean_cosine']:.4f}, "
+        f"top-{mobile['k']} overlap {mobile['top_k_overlap']:.2f}"
     )
 
 

@@ -125,12 +125,14 @@ def run_quickstart(options: QuickstartOptions, announce: Step = lambda message: 
             student["evaluation"] = _evaluate_student(student_path, gallery, gallery_vectors, options)
             query_encoder, student["onnx_min_cosine"] = _export(student_path, work / "student.onnx")
             student["latency"] = _latency(query_encoder, onnx_path, gallery)
+            student["mobile"] = _export_mobile(student_path, test_csv, work / "student-mobile.onnx")
 
     announce(f"{steps}/{steps} searching with the ONNX query encoder and writing the contact sheet")
     with _timed(timings, "search"):
         samples = _sample_searches(index_path, query_encoder, gallery, options, work / "contact_sheet.png")
 
     paths = {
+        **({"mobile_query_encoder": student["mobile"]["ort_path"]} if student else {}),
         "work_dir": str(work),
         "encoder": str(encoder_path),
         "index": str(index_path),
@@ -253,6 +255,14 @@ def _latency(student_onnx: Path, teacher_onnx: Path, gallery: Any, repeats: int 
             times[key].append(1000 * (time.perf_counter() - start))
     medians = {key: float(np.median(values)) for key, values in times.items()}
     return {**medians, "ratio": medians["student_ms"] / medians["teacher_ms"]}
+
+
+def _export_mobile(student_path: Path, images_csv: Path, out: Path) -> dict[str, Any]:
+    """The student as the phone's int8 model, calibrated on 64 gallery images and checked on 64 others."""
+    from serving.export_mobile import export_onnx_mobile
+
+    exported = export_onnx_mobile(student_path, out, images_csv, calibration_count=64, agreement_count=64)
+    return exported.as_dict()
 
 
 def _export(encoder_path: Path, out: Path) -> tuple[Path, float]:

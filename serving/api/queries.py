@@ -1,8 +1,10 @@
 """Answering queries against a ``SearchEngine``: what the micro-batcher runs in its worker thread.
 
-Decoding, embedding and searching a batch of uploads happen in one thread hop: a lone query costs
-one hand-over from the event loop, and a batch of uploads shares one ``encode`` call. An upload that
-does not decode fails alone; the rest of its batch is answered.
+Without batching, decoding, embedding and searching an upload happen in one thread hop: a lone query
+costs one hand-over from the event loop. With batching, each request decodes its own upload in the
+thread pool first (``ImageQuery.image``), so the uploads of the next batch decode on every core while
+the current batch is embedded, instead of one after the other in the batch's thread; the batch then
+shares one ``encode`` call. An upload that does not decode fails alone; the rest of its batch is answered.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from indexing import SearchResults
 from retrieval.data.images import decode_image_bytes
@@ -28,6 +31,7 @@ class ImageQuery:
         k: most hits.
         granularity: a calibrated level (already checked), or ``None``.
         min_score: range-search threshold, or ``None`` for a k-NN search.
+        image: the upload already decoded (see the module docstring), else ``None``: decoded with its batch.
     """
 
     data: bytes
@@ -35,6 +39,14 @@ class ImageQuery:
     k: int
     granularity: str | None = None
     min_score: float | None = None
+    image: Image.Image | None = None
+
+    def decoded(self) -> ImageQuery:
+        """This query with its upload decoded (raises ``CorruptImageError`` for an unreadable one)."""
+        if self.image is not None:
+            return self
+        image = decode_image_bytes(self.data, self.name)
+        return ImageQuery(b"", self.name, self.k, self.granularity, self.min_score, image)
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,7 @@ def answer_image_queries(engine: SearchEngine, queries: list[ImageQuery]) -> lis
     decoded = []
     for position, query in enumerate(queries):
         try:
-            decoded.append((position, decode_image_bytes(query.data, query.name)))
+            decoded.append((position, query.decoded().image))
         except ValueError as exc:  # CorruptImageError is a ValueError
             outcomes[position] = exc
     if decoded:

@@ -109,8 +109,11 @@ def search_router(settings: ServeSettings, dependencies: list) -> APIRouter:
         data = await image.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(status_code=413, detail=f"{name}: {too_large_message(max_bytes)}")
+        query = ImageQuery(data, name, k, granularity, min_score)
         try:
-            answer = await batcher.submit(ImageQuery(data, name, k, granularity, min_score))
+            if batcher.batches:  # decode in this request's own thread hop, in parallel with the running batch
+                query = await run_in_threadpool(query.decoded)
+            answer = await batcher.submit(query)
         except ValueError as exc:  # CorruptImageError: the message names the client's file, not a server path
             raise HTTPException(status_code=400, detail=str(exc)) from None
         return _response(request, answer, k, engine.query_encoder.encoder_id, granularity, min_score)

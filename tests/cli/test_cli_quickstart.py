@@ -55,6 +55,9 @@ def test_quickstart_distils_a_student_into_the_teachers_space(quickstart_run):
 
     metadata = read_onnx_metadata(report["paths"]["query_encoder"])
     assert metadata.teacher_id == teacher_id and metadata.encoder_id != teacher_id
+    mobile = student["mobile"]  # the phone's int8 model of the same student, checked against its float32 export
+    assert mobile["encoder_id"] == metadata.encoder_id and mobile["ort_path"] == report["paths"]["mobile_query_encoder"]
+    assert mobile["mean_cosine"] >= 0.98 and mobile["top_k_overlap"] >= 0.8 and mobile["size_ratio"] < 0.5
 
 
 def test_quickstart_leaves_usable_artifacts(quickstart_run):
@@ -72,7 +75,7 @@ def test_quickstart_leaves_usable_artifacts(quickstart_run):
     assert json.loads(info.stdout)["count"] > 0
 
     query = report["samples"][0]["query"]
-    for encoder in ("gallery_encoder_onnx", "query_encoder"):  # the teacher's export, then the student's
+    for encoder in ("gallery_encoder_onnx", "query_encoder", "mobile_query_encoder"):  # teacher, student, phone
         args = ["search", "--index", paths["index"], "--query-encoder", paths[encoder], query, "--k", "3", "--json"]
         searched = runner.invoke(app, args)
         assert searched.exit_code == 0, searched.output

@@ -93,8 +93,9 @@ def test_http_app_refuses_at_start_up_and_serves_the_student(serving_index, good
         serve(ServeSettings(index=serving_index, query_encoder=bad_student))  # before uvicorn starts
 
     with TestClient(create_app(ServeSettings(index=serving_index, query_encoder=good_student))) as client:
-        health = client.get("/v1/healthz").json()
-    assert health["encoder_id"] == teacher_id and health["query_encoder_id"] == _ids(good_student)[0]
+        served = client.get("/v1/index").json()
+    assert served["encoder_id"] == teacher_id and served["query_encoder_id"] == _ids(good_student)[0]
+    assert served["query_encoder_teacher_id"] == teacher_id
 
 
 def test_serve_cli_refuses_before_listening(serving_index, good_student, bad_student, teacher_id, monkeypatch):
