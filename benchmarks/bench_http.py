@@ -22,13 +22,14 @@ What is measured, side by side in one run:
 
 Target: HTTP p50 at concurrency 1 <= 1.15 x in-process p50.
 
-Measured on the 2-core shared development machine (CPU, ONNX Runtime, resnet10t at 224 px with random
-weights, 64-image Flat index, 60 requests at concurrency 1 and 96 at 16, other jobs running): in process
-p50 25.7 ms, HTTP p50 29.5 ms, ratio 1.148 (target met, +3.8 ms); ``GET /v1/healthz`` p50 0.46 ms and
-``POST /v1/search/embedding`` p50 1.2 ms, so the framework itself costs about 1 ms and the rest of the
-gap is the upload (multipart parsing) and CPU contention between the two processes on two cores. At
-concurrency 16: 36.2 requests/s without batching, 18.9 with batches of 16 (mean batch 8), which is why
-``serving.settings`` ships with batching off. The machine is noisy: p99s and run-to-run ratios vary.
+Measured with the defaults on the 2-core development machine (CPU, ONNX Runtime, resnet10t at 224 px with
+random weights, 64-image Flat index, nothing else running), two runs: in process p50 32.0 / 35.0 ms, HTTP
+p50 35.9 / 36.2 ms, ratio 1.119 / 1.035 (target met, +3.8 / +1.2 ms); ``GET /v1/healthz`` p50 0.43 ms and
+``POST /v1/search/embedding`` p50 1.2 ms, so the framework itself costs about 1 ms and the rest of the gap
+is the upload (multipart parsing) and CPU contention between the two processes on two cores. At
+concurrency 16, zero errors: 66.0 / 67.2 requests/s without batching, 66.1 / 65.6 with batches of 16 (mean
+batch 8), which is why ``serving.settings`` ships with batching off. With other jobs on the machine the
+ratio was 1.148; the machine is shared and noisy, so p99s and run-to-run ratios vary.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 __all__ = ["DEFAULT_BATCH_MAX_SIZE", "DEFAULT_BATCH_MAX_WAIT_MS", "ServeSettings"]
 
 #: Largest micro-batch of query images embedded in one ``encode`` call (see ``serving.api.batching``). Off (1)
-#: by default: on the 2-core CPU machine ``benchmarks/bench_http.py`` measured half the throughput with batches
-#: of 16 (18.9 vs 36.2 requests/s at concurrency 16), since concurrent single-image runs already fill the cores
-#: and a batch serialises decoding. Raise it for a GPU, where one batched forward pass is much cheaper than many.
+#: by default: on the 2-core CPU machine ``benchmarks/bench_http.py`` measured no gain from batches of 16 (65.6
+#: vs 67.2 requests/s at concurrency 16), since concurrent single-image runs already fill the cores. Raise it
+#: for a GPU, where one batched forward pass is much cheaper than many.
 DEFAULT_BATCH_MAX_SIZE = 1
 #: How long the first image of a batch waits for company; 0 takes only what queued while the encoder was busy.
 DEFAULT_BATCH_MAX_WAIT_MS = 0.0
