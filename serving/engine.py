@@ -39,6 +39,7 @@ __all__ = [
     "NORM_TOLERANCE",
     "EncoderMismatchError",
     "ForeignEmbeddingError",
+    "NonFiniteEmbeddingError",
     "QueryVectorError",
     "SearchEngine",
     "check_compatible",
@@ -58,6 +59,14 @@ class EncoderMismatchError(UserFacingError, ValueError):
 
 class ForeignEmbeddingError(UserFacingError, ValueError):
     """A query vector from an encoder whose space is not the index's (the HTTP API answers 409)."""
+
+
+class NonFiniteEmbeddingError(UserFacingError, RuntimeError):
+    """The query encoder produced NaN or infinite values: a server-side fault (a corrupt or broken model file).
+
+    Raised instead of searching, so a broken model gives one clear error rather than a FAISS failure or
+    meaningless hits; the API answers it with a 500 JSON message and ``/v1/readyz`` stays 503.
+    """
 
 
 class QueryVectorError(UserFacingError, ValueError):
@@ -213,7 +222,14 @@ class SearchEngine(Closeable):
         """Embed query images with the query encoder: ``(N, dim)`` float32, L2-normalised rows."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return self.query_encoder.encode(images)
+        vectors = self.query_encoder.encode(images)
+        if not np.isfinite(vectors).all():
+            bad = int((~np.isfinite(vectors).all(axis=1)).sum())
+            raise NonFiniteEmbeddingError(
+                f"the query encoder {self.query_encoder.encoder_id} produced non-finite values (NaN or infinity) for "
+                f"{bad} of {len(vectors)} images; its model file is probably corrupt: export or copy it again"
+            )
+        return vectors
 
     def search(self, images: Sequence[Image.Image], k: int, granularity: str | None = None) -> list[SearchResults]:
         """The ``k`` nearest gallery items of each query image, best first.
