@@ -297,6 +297,13 @@ class FaissIndex:
         self._for_each_chunk(collect)
         return np.concatenate(ids), np.concatenate(vectors)
 
+    def scan(self, consume: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """Call ``consume(ids, vectors)`` on successive chunks of every stored vector, in ``ids()`` order.
+
+        Memory stays at one chunk (16,384 vectors), so a full check of a large index does not need its size twice.
+        """
+        self._for_each_chunk(consume)
+
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The stored (or decoded) vectors of the given ids, ``(len(ids), dim)`` float32.
 

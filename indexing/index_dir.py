@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +23,11 @@ import numpy as np
 from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError
 from indexing.faiss_index import NO_ID, FaissIndex, SearchParams
 from indexing.granularity import filter_by_granularity, tag_hits
+from indexing.integrity import check_graph, check_scores, check_vectors, stores_exact_vectors
 from indexing.manifest import Manifest
 from indexing.metadata import MetadataRow, MetadataStore
 from indexing.results import SearchHit, SearchResults
-from retrieval.atomic import atomic_directory
+from retrieval.atomic import atomic_directory, recover_interrupted_swap
 from retrieval.data.images import SkipReport
 from retrieval.resources import Closeable
 
@@ -163,10 +165,12 @@ def _fill_directory(
 ) -> Manifest:
     """Write index, metadata (added to any ``tmp`` already holds), skipped list and manifest into ``tmp``."""
     index.save(tmp / INDEX_FILE)
-    manifest = manifest.model_copy(update={"index_sha256": file_sha256(tmp / INDEX_FILE)})
     with MetadataStore(tmp / METADATA_FILE) as store:
         store.add_many(rows)
         stored = store.ids()
+    manifest = manifest.model_copy(
+        update={"index_sha256": file_sha256(tmp / INDEX_FILE), "metadata_sha256": file_sha256(tmp / METADATA_FILE)}
+    )
     if not np.array_equal(stored, np.sort(index.ids())):
         raise IndexFormatError(
             f"metadata rows ({stored.size}) do not cover exactly the {index.ntotal} ids in the index"
@@ -196,7 +200,7 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
             dimension/count mismatch between manifest, FAISS index and metadata.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and recover_interrupted_swap(path) is None:
         raise IndexFormatError(f"index directory not found: {path}{_leftover_hint(path)}")
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
@@ -214,7 +218,7 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
         if manifest.search_params:
             index.set_default_params(SearchParams.from_dict(manifest.search_params))
     except (OSError, ValueError) as exc:
-        raise IndexFormatError(f"index directory {path}: {exc}") from exc
+        raise IndexFormatError(f"index directory {path}: {' '.join(str(exc).split())}") from None
     if index.dim != manifest.dim:
         raise IndexFormatError(
             f"index directory {path}: {MANIFEST_FILE} says dim {manifest.dim} but {INDEX_FILE} holds "
@@ -224,12 +228,19 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
         raise IndexFormatError(
             f"index directory {path}: {MANIFEST_FILE} says {manifest.count} items but {INDEX_FILE} holds {index.ntotal}"
         )
+    if manifest.index_sha256 is None:  # older manifest: check what can be checked without a checksum
+        check_vectors(index, f"index directory {path}: {INDEX_FILE}")
+        check_graph(index, f"index directory {path}: {INDEX_FILE}")
     metadata = MetadataStore(path / METADATA_FILE, readonly=True)
     try:
+        problem = metadata.integrity_problem() if manifest.metadata_sha256 is None else None
         rows = metadata.count()
     except Exception as exc:
         metadata.close()
-        raise IndexFormatError(f"index directory {path}: cannot read {METADATA_FILE}: {exc}") from exc
+        raise IndexFormatError(f"index directory {path}: cannot read {METADATA_FILE}: {exc}") from None
+    if problem is not None:
+        metadata.close()
+        raise IndexFormatError(f"index directory {path}: {METADATA_FILE} is corrupt ({problem}); rebuild the index")
     if rows != manifest.count:
         metadata.close()
         raise IndexFormatError(
@@ -248,15 +259,19 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _verify_checksum(path: Path, manifest: Manifest) -> None:
-    """Refuse an index file whose bytes are not the ones written with the manifest (older manifests: no check)."""
-    if manifest.index_sha256 is None:
-        return
-    actual = file_sha256(path / INDEX_FILE)
-    if actual != manifest.index_sha256:
-        raise IndexFormatError(
-            f"index directory {path}: {INDEX_FILE} is corrupt or was modified after the index was written "
-            f"(SHA-256 {actual[:12]}..., {MANIFEST_FILE} expects {manifest.index_sha256[:12]}...); rebuild the index"
-        )
+    """Refuse index and metadata files whose bytes are not the ones written with the manifest.
+
+    Older manifests without a checksum are checked structurally instead (see ``open_index_dir``).
+    """
+    for name, expected in ((INDEX_FILE, manifest.index_sha256), (METADATA_FILE, manifest.metadata_sha256)):
+        if expected is None:
+            continue
+        actual = file_sha256(path / name)
+        if actual != expected:
+            raise IndexFormatError(
+                f"index directory {path}: {name} is corrupt or was modified after the index was written "
+                f"(SHA-256 {actual[:12]}..., {MANIFEST_FILE} expects {expected[:12]}...); rebuild the index"
+            )
 
 
 def _leftover_hint(path: Path) -> str:
@@ -282,6 +297,7 @@ class IndexDirectory(Closeable):
         self.manifest = manifest
         self.index = index
         self.metadata = metadata
+        self._exact = stores_exact_vectors(index)  # scores of exact unit vectors are bounded by 1
 
     @property
     def dim(self) -> int:
@@ -336,6 +352,7 @@ class IndexDirectory(Closeable):
             self.threshold(granularity)  # fail before searching
         queries = self._check_queries(query_embeddings)
         scores, ids = self.index.search(queries, k)
+        check_scores(np.where(ids == NO_ID, 0.0, scores), queries, self._exact, f"index {self.path}: {INDEX_FILE}")
         return self._results(list(zip(scores, ids, strict=True)), granularity)
 
     def search_above(
@@ -361,6 +378,7 @@ class IndexDirectory(Closeable):
             raise ValueError(f"limit must be positive, got {limit}")
         queries = self._check_queries(query_embeddings)
         found = self.index.range_search(queries, float(min_score))
+        check_scores(found.scores, queries, self._exact, f"index {self.path}: {INDEX_FILE}")
         per_query = [found.hits(i) for i in range(len(found))]
         if limit is not None:
             per_query = [(scores[:limit], ids[:limit]) for scores, ids in per_query]
@@ -375,7 +393,11 @@ class IndexDirectory(Closeable):
     def _results(self, per_query: list[tuple[np.ndarray, np.ndarray]], granularity: str | None) -> list[SearchResults]:
         """Join ranked ``(scores, ids)`` per query with the metadata, tag levels and filter by granularity."""
         every_id = np.concatenate([ids for _, ids in per_query]) if per_query else np.zeros(0, np.int64)
-        rows = self.metadata.get_many(np.unique(every_id[every_id != NO_ID]).tolist())
+        try:
+            rows = self.metadata.get_many(np.unique(every_id[every_id != NO_ID]).tolist())
+        except (sqlite3.DatabaseError, ValueError) as exc:  # a damaged file, or a row whose JSON no longer parses
+            problem = f"{METADATA_FILE} is corrupt ({exc}); rebuild the index"
+            raise IndexFormatError(f"index {self.path}: {problem}") from None
         thresholds = self.manifest.thresholds
         results = []
         for q_scores, q_ids in per_query:

@@ -86,12 +86,15 @@ class Manifest(StrictModel):
         tuning: how ``search_params`` were tuned (``target_recall``, measured ``recall`` at ``k``,
             ``num_queries``, ``reached``), or ``None``.
         index_sha256: SHA-256 of ``index.faiss``, checked on open so a corrupt or modified file is an
-            error rather than wrong hits; ``None`` in manifests written before checksums (not checked).
+            error rather than wrong hits; ``None`` in manifests written before checksums (then the index is
+            checked structurally on open, see ``indexing.integrity``, and ``retrieval index verify`` adds it).
+        metadata_sha256: SHA-256 of ``metadata.sqlite``, checked on open for the same reason (a flipped byte in
+            a stored path would otherwise return the wrong file silently); ``None`` in older manifests.
 
         history: the writes that made the index (``HistoryEntry.to_dict()``: build, merge, add), oldest
             first; empty in manifests written before it was recorded.
 
-    The last five fields are optional, so older manifests still load with the same format version.
+    The last six fields are optional, so older manifests still load with the same format version.
     """
 
     format_version: int = INDEX_FORMAT_VERSION
@@ -110,6 +113,7 @@ class Manifest(StrictModel):
     search_params: dict[str, int] | None = None
     tuning: dict[str, Any] | None = None
     index_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    metadata_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     history: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="before")

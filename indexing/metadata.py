@@ -115,6 +115,19 @@ class MetadataStore(Closeable):
         """One row, or ``None`` if the id is not stored."""
         return self.get_many([item_id]).get(int(item_id))
 
+    def integrity_problem(self) -> str | None:
+        """SQLite's ``PRAGMA quick_check`` verdict: ``None`` when the file is sound, else its first complaint.
+
+        Used on files no checksum vouches for (manifests older than ``metadata_sha256``); it reads the whole
+        file once, so it is not run on every open of a checksummed index.
+        """
+        with self._lock:
+            try:
+                verdict = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                return str(exc)
+        return None if verdict == "ok" else str(verdict).splitlines()[0]
+
     def count(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])

@@ -1,4 +1,4 @@
-"""``retrieval index info|calibrate``: describe an index directory, and store its granularity thresholds."""
+"""``retrieval index info|verify|calibrate``: describe and check an index directory, store its thresholds."""
 
 from __future__ import annotations
 
@@ -13,18 +13,50 @@ from retrieval.cli.common import console, print_json, user_errors
 def info(
     index: Path = typer.Argument(..., help="Index directory."),
     as_json: bool = typer.Option(False, "--json", help="Print every field as JSON."),
+    verify: bool = typer.Option(
+        False, "--verify", help="First check every vector and row (as `index verify`), recording missing checksums."
+    ),
 ) -> None:
     """Describe an index: items, ids, index type and search defaults, encoder, levels, thresholds, files, history."""
     with user_errors():
         from indexing.index_dir import open_index_dir
+        from indexing.verify import verify_index_dir
 
+        report = verify_index_dir(index) if verify else None
         with open_index_dir(index) as directory:
             details = directory.info()
+    if report is not None:
+        details["verify"] = report.to_dict()
     if as_json:
         print_json(details)
         return
     for key, value in describe(details):
         console.print(f"{key:<12} {value}", highlight=False, soft_wrap=True)
+
+
+def verify(
+    index: Path = typer.Argument(
+        ..., help="Index directory to check (its manifest.json gains checksums if it has none)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check every part of an index: checksums, every vector, the graph, ids against metadata, the database.
+
+    An index whose manifest predates checksums is checked structurally and, when it passes, its manifest is
+    rewritten (atomically) with the checksums of its files, so every later open verifies them. A problem is
+    one `error:` line naming the file, exit status 2.
+    """
+    with user_errors():
+        from indexing.verify import verify_index_dir
+
+        report = verify_index_dir(index)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    note = {"verified": "checksums verified", "recorded": "checksums recorded in manifest.json"}[report.checksums]
+    console.print(
+        f"{index}: ok, {report.count:,} items, {report.vectors_checked:,} vectors checked, {note}", highlight=False
+    )
 
 
 def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
@@ -43,7 +75,7 @@ def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
         ("thresholds", _thresholds_line(details)),
         ("files", ", ".join(f"{name} {_size(size)}" for name, size in details["files"].items())),
         ("size", _size(details["size_bytes"])),
-        ("checksum", f"sha256 {details['index_sha256']}" if details["index_sha256"] else "not recorded"),
+        ("checksum", _checksum_line(details)),
         ("format", f"version {details['format_version']}, created {details['created_at']}"),
     ]
     for entry in details["history"]:
@@ -56,6 +88,15 @@ def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return lines
+
+
+def _checksum_line(details: dict[str, Any]) -> str:
+    if not details["index_sha256"]:
+        return "not recorded (retrieval index verify INDEX records them)"
+    line = f"sha256 {details['index_sha256']}"
+    if details.get("verify"):
+        line += f" (verified: {details['verify']['vectors_checked']:,} vectors checked)"
+    return line
 
 
 def _search_line(details: dict[str, Any], faiss: dict[str, Any]) -> str:

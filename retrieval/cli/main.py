@@ -36,7 +36,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Datasets: generate the synthetic hierarchical gallery.", no_args_is_help=True)
-index_app = typer.Typer(help="Build, merge, extend, inspect and calibrate index directories.", no_args_is_help=True)
+index_app = typer.Typer(
+    help="Build, merge, extend, inspect, verify and calibrate index directories.", no_args_is_help=True
+)
 evaluate_app = typer.Typer(help="Offline evaluation protocols.", no_args_is_help=True)
 
 app.command("quickstart")(quickstart_cmd.quickstart)
@@ -50,6 +52,7 @@ index_app.command("build")(index_cmd.build)
 index_app.command("merge")(index_cmd.merge)
 index_app.command("add")(index_cmd.add)
 index_app.command("info")(index_inspect_cmd.info)
+index_app.command("verify")(index_inspect_cmd.verify)
 index_app.command("calibrate")(index_inspect_cmd.calibrate)
 evaluate_app.command("recall")(evaluate_cmd.recall)
 evaluate_app.command("dyml")(evaluate_dyml_cmd.dyml)

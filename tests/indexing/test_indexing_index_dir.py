@@ -88,11 +88,21 @@ def test_missing_directory_and_missing_manifest(tmp_path):
         open_index_dir(tmp_path / "idx")
 
 
-def test_missing_directory_points_at_a_version_left_aside_by_a_crash(tmp_path):
+def test_a_version_left_aside_by_a_crash_is_restored_on_open(tmp_path):
     _write(tmp_path / "idx", seed=0, n=5)
     (tmp_path / "idx").rename(tmp_path / ".idx.old-abc")  # as if killed between the two renames of a swap
-    with pytest.raises(IndexFormatError, match=r"previous version was left at .*\.idx\.old-abc"):
+    with open_index_dir(tmp_path / "idx") as directory:
+        assert len(directory) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_a_version_set_aside_by_a_live_writer_is_left_alone_and_named(tmp_path):
+    _write(tmp_path / "idx", seed=0, n=5)
+    aside = tmp_path / f".idx.old-{os.getpid()}-abc"  # this process is alive: it may be between the renames
+    (tmp_path / "idx").rename(aside)
+    with pytest.raises(IndexFormatError, match=r"previous version was left at .*\.idx\.old-\d+-abc"):
         open_index_dir(tmp_path / "idx")
+    assert aside.is_dir()
 
 
 def test_missing_metadata_file(tmp_path):

@@ -1,0 +1,89 @@
+"""``retrieval index verify``: the full check of an index directory, and checksums for manifests that lack them.
+
+Opening an index checks its checksums, or, for manifests written before checksums existed, a sample of its
+vectors. Verifying reads everything once: every vector is reconstructed and checked (finite, unit length
+where stored exactly), the HNSW graph's links, the ids of index and metadata against each other, and
+SQLite's own consistency check. An index that passes and has no checksums gets them recorded, so every
+later open is as strict as for a freshly built index.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexing.errors import IndexFormatError
+from indexing.index_dir import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, file_sha256, open_index_dir
+from indexing.integrity import check_graph, check_vectors
+
+__all__ = ["VerifyReport", "verify_index_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify_index_dir`` checked.
+
+    Attributes:
+        path: the index directory.
+        count: items in the index.
+        vectors_checked: vectors reconstructed and checked (all of them).
+        checksums: "verified" (the manifest had them and they match) or "recorded" (added to the manifest now),
+            or "missing" when recording was not asked for.
+    """
+
+    path: str
+    count: int
+    vectors_checked: int
+    checksums: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify_index_dir(path: str | Path, *, record: bool = True) -> VerifyReport:
+    """Check every part of an index directory; record checksums in its manifest if it has none.
+
+    Args:
+        path: the index directory.
+        record: rewrite ``manifest.json`` (atomically) with the checksums of the verified files when missing.
+
+    Raises:
+        IndexFormatError: any file is corrupt or the files disagree; the message names the file.
+    """
+    path = Path(path)
+    digests = None
+    with open_index_dir(path) as directory:  # checksums, counts, dimension, sample of vectors
+        manifest = directory.manifest
+        needs_record = manifest.index_sha256 is None or manifest.metadata_sha256 is None
+        if needs_record:  # hashed before the full check: a file changed meanwhile then fails the next open
+            digests = {
+                "index_sha256": file_sha256(path / INDEX_FILE),
+                "metadata_sha256": file_sha256(path / METADATA_FILE),
+            }
+        where = f"index directory {path}: {INDEX_FILE}"
+        checked = check_vectors(directory.index, where, sample=None)
+        check_graph(directory.index, where)
+        problem = directory.metadata.integrity_problem()
+        if problem is not None:
+            raise IndexFormatError(f"index directory {path}: {METADATA_FILE} is corrupt ({problem}); rebuild the index")
+        index_ids = np.sort(directory.index.ids())
+        if np.unique(index_ids).size != index_ids.size:
+            raise IndexFormatError(f"{where} is corrupt: it holds the same id twice")
+        if not np.array_equal(index_ids, directory.metadata.ids()):
+            raise IndexFormatError(
+                f"index directory {path}: the ids in {INDEX_FILE} and the rows of {METADATA_FILE} differ"
+            )
+    state = "verified"
+    if needs_record:
+        state = "missing"
+        if record:
+            manifest.model_copy(update=digests).write(path / MANIFEST_FILE)
+            logger.info("recorded checksums in %s", path / MANIFEST_FILE)
+            state = "recorded"
+    return VerifyReport(str(path), manifest.count, checked, state)
