@@ -4,7 +4,8 @@
 query encoder are opened in the app's ``lifespan`` (at server start-up) and closed at shutdown, so
 importing this module or building the app is cheap and side-effect free. The routes live in
 ``serving.api`` (one router per concern); this module assembles them with the middleware (metrics,
-CORS, body-size limit), the error handlers and the micro-batcher. Decoding and inference run in a
+CORS, body-size limit), the error handlers, the micro-batcher and the admission gates (``serving.admission``:
+image queries and decodes running at once, a bounded queue, 503 beyond). Decoding and inference run in a
 worker thread, keeping the event loop free to accept other requests while a batch is embedded.
 """
 
@@ -19,6 +20,7 @@ from functools import partial
 import anyio.to_thread
 from fastapi import FastAPI
 
+from serving.admission import AdmissionGate
 from serving.api.batching import MicroBatcher
 from serving.api.docs import docs_router
 from serving.api.errors import install_error_handlers
@@ -27,7 +29,7 @@ from serving.api.metrics import ApiMetrics, MetricsMiddleware, metrics_router
 from serving.api.queries import answer_image_queries
 from serving.api.search import search_router
 from serving.api.security import api_key_dependencies
-from serving.engine import SearchEngine
+from serving.engine import NonFiniteEmbeddingError, SearchEngine
 from serving.limits import BodySizeLimitMiddleware
 from serving.settings import ServeSettings
 
@@ -63,6 +65,8 @@ def create_app(settings: ServeSettings, engine: SearchEngine | None = None) -> F
     app.state.api_key = key
     app.state.engine = None
     app.state.batcher = None
+    app.state.query_gate = None
+    app.state.decode_gate = None
     app.state.ready = False
     app.state.not_ready_reason = None
     app.state.metrics = metrics = ApiMetrics()
@@ -119,6 +123,13 @@ async def _lifespan(app: FastAPI, settings: ServeSettings, engine: SearchEngine 
         on_batch=app.state.metrics.batch_size.observe,
     )
     batcher.start()
+    app.state.query_gate = AdmissionGate(
+        settings.query_concurrency, settings.max_queued_queries, settings.queue_timeout_s, "image queries"
+    )
+    # every query holding a place may decode, so the decode gate needs no queue bound of its own
+    app.state.decode_gate = AdmissionGate(
+        settings.decode_concurrency, settings.query_concurrency, settings.queue_timeout_s, "decodes"
+    )
     app.state.engine = opened
     app.state.batcher = batcher
     warming = asyncio.get_running_loop().create_task(_warm_up(app, opened, settings.warmup))
@@ -139,6 +150,10 @@ async def _warm_up(app: FastAPI, engine: SearchEngine, enabled: bool) -> None:
     if enabled:
         try:
             await anyio.to_thread.run_sync(engine.warm_up)
+        except NonFiniteEmbeddingError as exc:  # a corrupt model: say so on /v1/readyz (the message names no path)
+            logger.error("the warm-up query failed: %s; /v1/readyz stays 503", exc)
+            app.state.not_ready_reason = f"the warm-up query failed: {exc}"
+            return
         except Exception:
             logger.exception("the warm-up query failed; /v1/readyz stays 503")
             app.state.not_ready_reason = "the warm-up query failed; see the server log"
@@ -163,4 +178,6 @@ def serve(settings: ServeSettings) -> None:
     engine = SearchEngine.open(
         settings.index, settings.query_encoder, runtime=settings.runtime, **settings.runtime_options()
     )
-    uvicorn.run(create_app(settings, engine=engine), host=settings.host, port=settings.port)
+    uvicorn.run(
+        create_app(settings, engine=engine), host=settings.host, port=settings.port, **settings.uvicorn_options()
+    )

@@ -13,6 +13,10 @@ embeddings (minimum cosine >= ``PARITY_THRESHOLD``) at the export size with a ba
 the traced one, and at a second image size (GeM is a spatial mean, so the graph must
 generalise over H and W). The file is written beside its target and renamed into place, so a
 failed or interrupted export never leaves a half-written or wrong model at ``out_path``.
+
+The written file carries its own SHA-256 in the ``file_sha256`` metadata property
+(``serving.model_checksum``), sealed once the graph and the other metadata are final; runtimes verify
+it on open, so a file damaged in transit fails with a message instead of answering wrongly.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 
 from retrieval.errors import UserFacingError
 from serving.export_files import publish, staged_file
+from serving.model_checksum import seal_file
 from serving.onnx_metadata import OnnxMetadataError, encoder_metadata
 
 if TYPE_CHECKING:
@@ -234,7 +239,7 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Pat
 
 
 def _finalise_model(path: Path, metadata: dict[str, str], embedding_dim: int) -> None:
-    """Name the dynamic axes, fix the embedding axis, attach the metadata and validate the graph, in place."""
+    """Name the dynamic axes, fix the embedding axis, attach the metadata, validate and seal the file, in place."""
     import onnx
 
     model = onnx.load(str(path))
@@ -250,6 +255,19 @@ def _finalise_model(path: Path, metadata: dict[str, str], embedding_dim: int) ->
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported ONNX graph is invalid: {exc}") from exc
     onnx.save(model, str(path))
+    seal_checksum(path)
+
+
+def seal_checksum(path: Path) -> str:
+    """Seal a saved export whose ``file_sha256`` holds the placeholder (``serving.model_checksum``); return it.
+
+    Raises:
+        ExportError: the placeholder is not in the file exactly once (it was not written by ``encoder_metadata``).
+    """
+    try:
+        return seal_file(path)
+    except ValueError as exc:
+        raise ExportError(f"cannot write the checksum of {path}: {exc}") from exc
 
 
 def _rename_dynamic_axes(model: object) -> None:

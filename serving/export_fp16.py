@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.export import ExportError, export_onnx
+from serving.export import ExportError, export_onnx, seal_checksum
 from serving.export_files import publish, staged_file
+from serving.model_checksum import CHECKSUM_KEY, PLACEHOLDER
 from serving.onnx_graph import drop_round_trip_casts, embedding_tail, topological_sort
 from serving.onnx_metadata import read_onnx_metadata, update_onnx_metadata
 
@@ -92,8 +93,9 @@ def export_onnx_fp16(
         info = read_onnx_metadata(fp32.path)
         with staged_file(out_path, suffix=".onnx") as tmp:
             model = convert_to_fp16(onnx.load(str(fp32.path)))
-            update_onnx_metadata(model, {"precision": "fp16"}, str(out_path))
+            update_onnx_metadata(model, {"precision": "fp16", CHECKSUM_KEY: PLACEHOLDER}, str(out_path))
             onnx.save(model, str(tmp))
+            seal_checksum(tmp)
             size = info.preprocess.input_size
             cosines, provider = [], ""
             for batch, side, seed in ((3, size, 1), (2, size + 32, 2)):

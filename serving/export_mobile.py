@@ -12,6 +12,9 @@ Steps, each checked before the next:
    top-10 overlap of a sample search must reach ``min_cosine`` and ``min_overlap``; size and batch-1 latency
    are measured and reported beside them.
 
+Both files are checksummed (``serving.model_checksum``): the ``.onnx`` carries its own ``file_sha256``, sealed
+before the ORT copy is made; the ``.ort`` gets a ``<file>.ort.sha256`` sidecar, written as it is published.
+
 Only then are the ``.onnx`` and ``.ort`` files renamed into place: an export that fails a check leaves nothing
 new at ``out_path``. The metadata is the float export's with ``input_format: uint8_rgb`` and ``precision: int8``.
 """
@@ -28,10 +31,11 @@ import numpy as np
 
 from retrieval.data.preprocess import normalise_array
 from serving.calibration_images import load_calibration_split
-from serving.export import PARITY_THRESHOLD, ExportError, export_onnx
+from serving.export import PARITY_THRESHOLD, ExportError, export_onnx, seal_checksum
 from serving.export_files import publish, staged_file
 from serving.mobile_agreement import embed_each, interleaved_latency_ms, measure_agreement, row_cosines
 from serving.mobile_graph import MOBILE_INPUT_NAME, uint8_input_model
+from serving.model_checksum import CHECKSUM_KEY, PLACEHOLDER, write_checksum_sidecar
 from serving.onnx_metadata import read_onnx_metadata, update_onnx_metadata
 from serving.quantize_int8 import quantize_int8, save_ort_format
 
@@ -182,8 +186,10 @@ def export_onnx_mobile(
         except Exception as exc:  # onnxruntime.quantization raises plain exceptions of many kinds
             raise ExportError(f"int8 quantisation failed: {type(exc).__name__}: {exc}") from exc
         model = onnx.load(str(quantised))
-        update_onnx_metadata(model, {"input_format": "uint8_rgb", "precision": "int8"}, str(out_path))
+        updates = {"input_format": "uint8_rgb", "precision": "int8", CHECKSUM_KEY: PLACEHOLDER}
+        update_onnx_metadata(model, updates, str(out_path))
         onnx.save(model, str(quantised))
+        seal_checksum(quantised)
         with staged_file(out_path, ".onnx") as tmp_onnx, staged_file(ort_path, ".ort") as tmp_ort:
             tmp_onnx.write_bytes(quantised.read_bytes())
             save_ort_format(tmp_onnx, tmp_ort)
@@ -209,6 +215,7 @@ def export_onnx_mobile(
             )
             _enforce(result, min_cosine, min_overlap)
             publish(tmp_ort, ort_path)
+            write_checksum_sidecar(ort_path)
             publish(tmp_onnx, out_path)
     logger.info(
         "exported encoder %s for mobile to %s (int8; mean cosine %.4f, top-%d overlap %.3f)",

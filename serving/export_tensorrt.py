@@ -1,12 +1,13 @@
 """A TensorRT engine built from the verified ONNX export, with the JSON sidecar that says what it is.
 
-TensorRT compiles the ONNX graph for one GPU model and one TensorRT version; the serialized engine is
-opaque, so ``X.engine.json`` beside it carries the export's query-encoder metadata (encoder id, dim,
-preprocessing, precision) and the input shapes the engine accepts (``serving.runtimes.tensorrt_sidecar``
-reads it back). The network is created strongly typed (TensorRT 10 and 11; 11 has no fp16/int8 builder
-flags): every tensor keeps the type the ONNX graph gives it, so reduced precision comes from the ONNX model
-itself (``--fp16`` converts it first with ``serving.export_fp16``). One optimisation profile covers the batch
-range ``min <= opt <= max`` at the encoder's input size. Needs the ``tensorrt`` extra and an NVIDIA GPU.
+TensorRT compiles the ONNX graph for one GPU model and one TensorRT version; the serialized engine is opaque,
+so ``X.engine.json`` beside it carries the export's query-encoder metadata (encoder id, dim, preprocessing,
+precision), the engine file's SHA-256 (verified when it is opened) and the input shapes the engine accepts
+(``serving.runtimes.tensorrt_sidecar`` reads it back). The network is created strongly typed (TensorRT 10 and
+11; 11 has no fp16/int8 builder flags): every tensor keeps the type the ONNX graph gives it, so reduced
+precision comes from the ONNX model itself (``--fp16`` converts it first with ``serving.export_fp16``). One
+optimisation profile covers the batch range ``min <= opt <= max`` at the encoder's input size. Needs the
+``tensorrt`` extra and an NVIDIA GPU.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def export_tensorrt(
             engine_cosine = _engine_parity(trt, tmp, onnx_path, metadata, profile)
             publish(tmp, out_path)
     sidecar = write_engine_sidecar(
-        out_path, engine_sidecar(metadata, trt.__version__, INPUT_NAME, OUTPUT_NAME, profile)
+        out_path, engine_sidecar(metadata, trt.__version__, INPUT_NAME, OUTPUT_NAME, profile, engine)
     )
     logger.info("built TensorRT %s engine %s (cosine vs ONNX %.6f)", trt.__version__, out_path, engine_cosine)
     return TensorRTExport(

@@ -4,6 +4,10 @@ An ONNX file travels alone (to a phone, to another server), so it must carry eve
 runtime needs besides the graph: which encoder it is (so an index can refuse a wrong one),
 which teacher it was distilled into, and the exact preprocessing. ONNX metadata values are
 strings; structured values (mean, std, levels) are JSON, numbers are decimal text.
+
+Every export also carries ``file_sha256``, a checksum of the whole file (``serving.model_checksum``):
+``encoder_metadata`` writes its placeholder, the exporter seals the saved file, and runtimes verify it
+when they open the file. Files exported before the key still open, with a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pydantic import ValidationError
 
 from retrieval.data.preprocess import PreprocessConfig
 from retrieval.errors import UserFacingError
+from serving.model_checksum import CHECKSUM_KEY, PLACEHOLDER, verify_file
 
 if TYPE_CHECKING:
     import onnx
@@ -31,6 +36,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "OnnxEncoderInfo",
     "OnnxMetadataError",
+    "OnnxReadError",
     "encoder_metadata",
     "parse_onnx_metadata",
     "read_onnx_metadata",
@@ -61,6 +67,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 class OnnxMetadataError(UserFacingError, ValueError):
     """An ONNX file without (or with malformed) query-encoder metadata; the message names the file."""
+
+
+class OnnxReadError(OnnxMetadataError):
+    """A file that does not parse as an ONNX model at all (truncated, damaged, or not ONNX)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ def encoder_metadata(encoder: Encoder) -> dict[str, str]:
         "input_format": "float32_normalized",
         "precision": "fp32",
         "encoder_config": config.model_dump_json(),
+        CHECKSUM_KEY: PLACEHOLDER,  # replaced by the file's checksum once saved (serving.model_checksum.seal_file)
     }
 
 
@@ -159,12 +170,19 @@ def parse_onnx_metadata(props: Mapping[str, str], source: str) -> OnnxEncoderInf
     )
 
 
-def read_onnx_metadata(path: str | Path) -> OnnxEncoderInfo:
+def read_onnx_metadata(path: str | Path, verify: bool = False) -> OnnxEncoderInfo:
     """Read the query-encoder metadata of an ``.onnx`` file without building a session.
+
+    Args:
+        path: the ``.onnx`` file.
+        verify: also check the file against its ``file_sha256`` (one more pass over the bytes; a file without
+            the key passes with a warning).
 
     Raises:
         FileNotFoundError: no such file.
-        OnnxMetadataError: not a readable ONNX model, or no valid metadata.
+        OnnxReadError: not a readable ONNX model.
+        OnnxMetadataError: no valid metadata.
+        serving.model_checksum.ModelChecksumError: with ``verify``, bytes that do not match the checksum.
     """
     import onnx
 
@@ -174,8 +192,13 @@ def read_onnx_metadata(path: str | Path) -> OnnxEncoderInfo:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends from protobuf
-        raise OnnxMetadataError(f"cannot read ONNX model {path}: {exc}") from exc
-    return parse_onnx_metadata({prop.key: prop.value for prop in model.metadata_props}, str(path))
+        raise OnnxReadError(
+            f"cannot read ONNX model {path} (truncated, damaged or not ONNX): {' '.join(str(exc).split())}"
+        ) from exc
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    if verify:
+        verify_file(path, props.get(CHECKSUM_KEY))
+    return parse_onnx_metadata(props, str(path))
 
 
 def update_onnx_metadata(model: onnx.ModelProto, updates: Mapping[str, str], source: str) -> OnnxEncoderInfo:

@@ -9,13 +9,20 @@ environment and the environment overrides the defaults.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_BATCH_MAX_SIZE", "DEFAULT_BATCH_MAX_WAIT_MS", "ServeSettings"]
+__all__ = [
+    "DEFAULT_BATCH_MAX_SIZE",
+    "DEFAULT_BATCH_MAX_WAIT_MS",
+    "DEFAULT_KEEP_ALIVE_S",
+    "DEFAULT_MAX_IMAGE_MP",
+    "ServeSettings",
+]
 
 #: Largest micro-batch of query images embedded in one ``encode`` call (see ``serving.api.batching``). Off (1)
 #: by default: on the 2-core CPU machine ``benchmarks/bench_http.py`` measured no gain from batches of 16 (65.6
@@ -24,6 +31,20 @@ __all__ = ["DEFAULT_BATCH_MAX_SIZE", "DEFAULT_BATCH_MAX_WAIT_MS", "ServeSettings
 DEFAULT_BATCH_MAX_SIZE = 1
 #: How long the first image of a batch waits for company; 0 takes only what queued while the encoder was busy.
 DEFAULT_BATCH_MAX_WAIT_MS = 0.0
+#: Idle keep-alive connections are closed after this long. uvicorn's own default (5 s) equals httpx's pool expiry
+#: (5 s), and requests/urllib3 pools never expire idle connections: a client reusing a connection just as the
+#: server closes it gets a reset (2 ``ReadError``s in 10,000 requests in issue 12's probe). The server must
+#: outlive its clients' idle timeouts, so the client always closes first: 75 s is above the 60 s idle timeouts
+#: of nginx's upstream keep-alive and AWS/GCP load balancers (whose docs ask backends for more), which is the
+#: value nginx itself uses for clients (``keepalive_timeout 75s``).
+DEFAULT_KEEP_ALIVE_S = 75
+#: Image queries in flight per CPU core by default. ``benchmarks/bench_load.py`` (800 requests at concurrency 32,
+#: 2 cores, shared machine) measured 19.9 req/s with 1 per core, 31.1 with 2, 47.1 (p99 1.09 s) with 4 and 38.8
+#: (p99 1.24 s) with no limit: a query spends part of its time outside the encoder (decoding, the thread hops,
+#: the search), so a few per core keep the cores busy, while the bound keeps the rest queued in arrival order.
+QUERIES_PER_CORE = 4
+#: See ``retrieval.data.images.DEFAULT_MAX_UPLOAD_PIXELS``.
+DEFAULT_MAX_IMAGE_MP = 50.0
 
 
 class ServeSettings(BaseSettings):
@@ -54,6 +75,15 @@ class ServeSettings(BaseSettings):
         batch_max_wait_ms: how long the first query of a batch waits for others; 0 (the default) batches
             only the queries that arrived while the encoder was busy, adding no latency to a lone query.
         warmup: run one query through the encoder and the index at start-up before ``/v1/readyz`` says ready.
+        max_image_mp: largest accepted upload in megapixels, read from the image header before decoding (413).
+        max_concurrent_queries: image queries decoding, embedding or searching at once; default 4 x the CPU
+            cores x ``batch_max_size`` (see ``QUERIES_PER_CORE``).
+        max_concurrent_decodes: uploads decoding at once (each holds a decoded image); default the CPU cores.
+        max_queued_queries: image queries waiting for a place; one more gets 503 with ``Retry-After`` at once.
+        queue_timeout_s: the longest a query waits for a place before 503 with ``Retry-After``.
+        keep_alive_s: idle keep-alive connections are closed after this long (see ``DEFAULT_KEEP_ALIVE_S``).
+        graceful_shutdown_s: on SIGTERM, how long open requests may finish before the server stops anyway.
+        max_connections: open connections and requests at once (uvicorn's ``limit_concurrency``); more get 503.
     """
 
     model_config = SettingsConfigDict(env_prefix="RETRIEVAL_", extra="forbid", protected_namespaces=())
@@ -73,6 +103,14 @@ class ServeSettings(BaseSettings):
     batch_max_size: int = Field(DEFAULT_BATCH_MAX_SIZE, ge=1, le=1024)
     batch_max_wait_ms: float = Field(DEFAULT_BATCH_MAX_WAIT_MS, ge=0, le=1000)
     warmup: bool = True
+    max_image_mp: float = Field(DEFAULT_MAX_IMAGE_MP, gt=0, le=10_000)
+    max_concurrent_queries: int | None = Field(None, ge=1, le=4096)
+    max_concurrent_decodes: int | None = Field(None, ge=1, le=1024)
+    max_queued_queries: int = Field(64, ge=0, le=100_000)
+    queue_timeout_s: float = Field(5.0, gt=0, le=600)
+    keep_alive_s: int = Field(DEFAULT_KEEP_ALIVE_S, ge=1, le=3600)
+    graceful_shutdown_s: int = Field(20, ge=1, le=3600)
+    max_connections: int = Field(1024, ge=1)
 
     @field_validator("cors_origins", "providers", mode="before")
     @classmethod
@@ -118,3 +156,25 @@ class ServeSettings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_image_pixels(self) -> int:
+        return int(self.max_image_mp * 1_000_000)
+
+    @property
+    def query_concurrency(self) -> int:
+        """``max_concurrent_queries``, or its default: ``QUERIES_PER_CORE`` x CPU cores x ``batch_max_size``."""
+        return self.max_concurrent_queries or QUERIES_PER_CORE * (os.cpu_count() or 1) * self.batch_max_size
+
+    @property
+    def decode_concurrency(self) -> int:
+        """``max_concurrent_decodes``, or its default: the CPU cores."""
+        return self.max_concurrent_decodes or os.cpu_count() or 1
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """The server timeouts and limits as ``uvicorn.Config`` keyword arguments."""
+        return {
+            "timeout_keep_alive": self.keep_alive_s,
+            "timeout_graceful_shutdown": self.graceful_shutdown_s,
+            "limit_concurrency": self.max_connections,
+        }

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import WEIGHTS_FILE, CheckpointError, read_checkpoint_info, save_encoder
+from models.checkpoint import WEIGHTS_FILE, CheckpointError, read_checkpoint_info, save_encoder, verify_weights
 from models.encoder import Encoder
 from retrieval.atomic import atomic_directory
 
@@ -97,6 +97,8 @@ def load_training_checkpoint(path: str | Path, encoders: Encoder | dict[str, Enc
     state_file = path / TRAIN_STATE_FILE
     named = _named(encoders)
     infos = {name: read_checkpoint_info(path / name) for name in named}
+    for info in infos.values():
+        verify_weights(info)  # a damaged checkpoint stops the resume with a message, not with silently wrong weights
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a training checkpoint: {TRAIN_STATE_FILE} is missing")
     try:

@@ -74,6 +74,49 @@ def serve(
         "--warmup/--no-warmup",
         help="Run one query before /v1/readyz says ready; default on (env RETRIEVAL_WARMUP).",
     ),
+    max_image_mp: float | None = typer.Option(
+        None,
+        "--max-image-mp",
+        help="Largest upload in megapixels, checked before decoding; default 50 (env RETRIEVAL_MAX_IMAGE_MP).",
+    ),
+    max_concurrent_queries: int | None = typer.Option(
+        None,
+        "--max-concurrent-queries",
+        help="Image queries running at once; default 4 x CPU cores x batch size "
+        "(env RETRIEVAL_MAX_CONCURRENT_QUERIES).",
+    ),
+    max_concurrent_decodes: int | None = typer.Option(
+        None,
+        "--max-concurrent-decodes",
+        help="Uploads decoding at once; default the CPU cores (env RETRIEVAL_MAX_CONCURRENT_DECODES).",
+    ),
+    max_queued_queries: int | None = typer.Option(
+        None,
+        "--max-queued-queries",
+        help="Image queries waiting for a place; more get 503 + Retry-After; default 64 "
+        "(env RETRIEVAL_MAX_QUEUED_QUERIES).",
+    ),
+    queue_timeout_s: float | None = typer.Option(
+        None,
+        "--queue-timeout-s",
+        help="Longest wait for a place before 503 + Retry-After; default 5 (env RETRIEVAL_QUEUE_TIMEOUT_S).",
+    ),
+    keep_alive_s: int | None = typer.Option(
+        None,
+        "--keep-alive-s",
+        help="Idle keep-alive connections close after this many seconds; default 75, above the 60 s of common "
+        "proxies and load balancers (env RETRIEVAL_KEEP_ALIVE_S).",
+    ),
+    graceful_shutdown_s: int | None = typer.Option(
+        None,
+        "--graceful-shutdown-s",
+        help="On SIGTERM, seconds open requests may take to finish; default 20 (env RETRIEVAL_GRACEFUL_SHUTDOWN_S).",
+    ),
+    max_connections: int | None = typer.Option(
+        None,
+        "--max-connections",
+        help="Open connections and requests at once, more get 503; default 1024 (env RETRIEVAL_MAX_CONNECTIONS).",
+    ),
 ) -> None:
     """Serve the search API (POST /v1/search, /v1/search/embedding; GET /v1/index, /metrics, /docs) with uvicorn."""
     with user_errors():
@@ -98,6 +141,14 @@ def serve(
             "batch_max_size": batch_max_size,
             "batch_max_wait_ms": batch_max_wait_ms,
             "warmup": warmup,
+            "max_image_mp": max_image_mp,
+            "max_concurrent_queries": max_concurrent_queries,
+            "max_concurrent_decodes": max_concurrent_decodes,
+            "max_queued_queries": max_queued_queries,
+            "queue_timeout_s": queue_timeout_s,
+            "keep_alive_s": keep_alive_s,
+            "graceful_shutdown_s": graceful_shutdown_s,
+            "max_connections": max_connections,
         }
         try:  # RETRIEVAL_* environment variables fill in what no flag gave, and are validated here too
             settings = ServeSettings(**{name: value for name, value in given.items() if value is not None})

@@ -33,6 +33,9 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: ``center_crop`` of an image whose resized long side exceeds this many crop sides resizes only the cropped
+#: region: the pixels agree with the full resize to within rounding (tested), and memory stays O(size²).
+MAX_CROP_STRETCH = 4
 
 
 class PreprocessConfig(StrictModel):
@@ -76,10 +79,16 @@ def resize_for_model(image: Image.Image, pre: PreprocessConfig) -> Image.Image:
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)
     new_width, new_height = (size, new_long) if width <= height else (new_long, size)
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     top = round((new_height - size) / 2.0)
     left = round((new_width - size) / 2.0)
+    if new_long > MAX_CROP_STRETCH * size:
+        # A very elongated image (a 20000x1 upload) would be resized to millions of pixels only to keep the
+        # centre: resize just the source region that lands in the crop (Pillow's ``box``), with the same scale.
+        scale_x, scale_y = new_width / width, new_height / height
+        box = (left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y)
+        return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     return image.crop((left, top, left + size, top + size))
 
 

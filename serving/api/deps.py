@@ -1,18 +1,20 @@
-"""Request dependencies shared by the routers: the opened engine and the micro-batcher.
+"""Request dependencies shared by the routers: the opened engine, the micro-batcher and the admission gates.
 
-Both live on ``app.state`` from the lifespan on; before that (or after shutdown) a request gets a
+They live on ``app.state`` from the lifespan on; before that (or after shutdown) a request gets a
 503 that says the server is starting, instead of an ``AttributeError`` turned into a 500.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request
 
+from serving.admission import AdmissionGate
 from serving.engine import SearchEngine
 
-__all__ = ["NOT_READY_MESSAGE", "get_batcher", "get_engine"]
+__all__ = ["NOT_READY_MESSAGE", "Gates", "get_batcher", "get_engine", "get_gates"]
 
 NOT_READY_MESSAGE = "the search engine is not open yet; retry shortly"
 
@@ -31,3 +33,20 @@ def get_batcher(request: Request) -> Any:
     if batcher is None:
         raise HTTPException(status_code=503, detail=NOT_READY_MESSAGE, headers={"Retry-After": "1"})
     return batcher
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The admission gates of image queries: places for whole queries, and for decodes within them."""
+
+    queries: AdmissionGate
+    decodes: AdmissionGate
+
+
+def get_gates(request: Request) -> Gates:
+    """The app's admission gates (``serving.admission``); 503 while there are none."""
+    queries = getattr(request.app.state, "query_gate", None)
+    decodes = getattr(request.app.state, "decode_gate", None)
+    if queries is None or decodes is None:
+        raise HTTPException(status_code=503, detail=NOT_READY_MESSAGE, headers={"Retry-After": "1"})
+    return Gates(queries, decodes)

@@ -2,8 +2,10 @@
 
 The routers map the errors they expect to 4xx with path-free messages. These handlers are the net
 under them: a validation error lists where and what (not the offending input, which for an upload is
-the whole file); any other ``UserFacingError`` becomes a 400 whose message has the server's own paths
-(index directory, query encoder) replaced; anything else is a 500 that points at the server log.
+the whole file; ``min_score`` says it must be a finite number in [-1, 1], NaN included); a full admission
+queue is a 503 with ``Retry-After``; a query encoder producing NaN/infinity (a corrupt model) is a 500
+that says so; any other ``UserFacingError`` becomes a 400; all of them have the server's own paths
+(index directory, query encoder) replaced. Anything else is a 500 that points at the server log.
 """
 
 from __future__ import annotations
@@ -16,13 +18,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from indexing import IndexFormatError
 from retrieval.errors import UserFacingError
+from serving.admission import OverloadedError
+from serving.engine import NonFiniteEmbeddingError
 
 __all__ = ["INTERNAL_ERROR_MESSAGE", "install_error_handlers", "redact_paths"]
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "internal server error; see the server log"
+#: Validation messages replaced per field: pydantic's own say "should be less than or equal to 1" for NaN.
+_FIELD_MESSAGES = {"min_score": "min_score must be a finite number in [-1, 1]"}
+
+
+def _message(error: dict) -> str:
+    loc = error.get("loc") or ()
+    field = loc[-1] if loc else None
+    if field in _FIELD_MESSAGES and error.get("type") != "missing":
+        return _FIELD_MESSAGES[field]
+    return error["msg"]
 
 
 def redact_paths(message: str, paths: Iterable[Path | None]) -> str:
@@ -45,8 +60,24 @@ def install_error_handlers(app: FastAPI, server_paths: Iterable[Path | None]) ->
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's default handler echoes each bad input back; for an upload that is the whole file.
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        errors = [{"loc": list(e["loc"]), "msg": _message(e), "type": e["type"]} for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.exception_handler(OverloadedError)
+    async def overloaded(request: Request, exc: OverloadedError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers=headers)
+
+    @app.exception_handler(NonFiniteEmbeddingError)
+    async def broken_encoder(request: Request, exc: NonFiniteEmbeddingError) -> JSONResponse:
+        logger.error("%s", exc)  # the operator must see it: every image query fails until the model is replaced
+        return JSONResponse(status_code=500, content={"detail": redact_paths(str(exc), paths)})
+
+    @app.exception_handler(IndexFormatError)
+    async def damaged_index(request: Request, exc: IndexFormatError) -> JSONResponse:
+        logger.error("%s", exc)  # found during a search (a score guard, an unreadable metadata row): the operator acts
+        detail = f"the served index is damaged: {redact_paths(str(exc), paths)}"
+        return JSONResponse(status_code=500, content={"detail": detail})
 
     @app.exception_handler(UserFacingError)
     async def user_error(request: Request, exc: UserFacingError) -> JSONResponse:

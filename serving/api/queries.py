@@ -9,12 +9,12 @@ shares one ``encode`` call. An upload that does not decode fails alone; the rest
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from indexing import SearchResults
+from indexing import IndexFormatError, SearchResults
 from retrieval.data.images import decode_image_bytes
 from serving.engine import SearchEngine
 
@@ -32,6 +32,8 @@ class ImageQuery:
         granularity: a calibrated level (already checked), or ``None``.
         min_score: range-search threshold, or ``None`` for a k-NN search.
         image: the upload already decoded (see the module docstring), else ``None``: decoded with its batch.
+        max_pixels: refuse an upload declaring more pixels (``ImageTooLargeError``); ``None``: no limit of ours.
+        target_size: the model's input side, so a very large JPEG may decode at a reduced scale.
     """
 
     data: bytes
@@ -40,13 +42,15 @@ class ImageQuery:
     granularity: str | None = None
     min_score: float | None = None
     image: Image.Image | None = None
+    max_pixels: int | None = None
+    target_size: int | None = None
 
     def decoded(self) -> ImageQuery:
         """This query with its upload decoded (raises ``CorruptImageError`` for an unreadable one)."""
         if self.image is not None:
             return self
-        image = decode_image_bytes(self.data, self.name)
-        return ImageQuery(b"", self.name, self.k, self.granularity, self.min_score, image)
+        image = decode_image_bytes(self.data, self.name, max_pixels=self.max_pixels, target_size=self.target_size)
+        return replace(self, data=b"", image=image)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ def answer_image_queries(engine: SearchEngine, queries: list[ImageQuery]) -> lis
                 outcomes[position] = answer_vectors(
                     engine, vector[None, :], query.k, query.granularity, query.min_score
                 )
+            except IndexFormatError:  # a damaged index fails the whole batch: the server's fault, not the query's
+                raise
             except ValueError as exc:
                 outcomes[position] = exc
     return [outcome if outcome is not None else RuntimeError("query left unanswered") for outcome in outcomes]

@@ -6,8 +6,10 @@ app's micro-batcher, so concurrent uploads share one encoder call; the embedding
 encoder and runs its (cheap) index search in the thread pool.
 
 Engine errors become 4xx answers with messages that name no server path: a granularity the index is not
-calibrated for (400) or does not know (422), an undecodable upload (400), a vector from another encoder's
-space (409) or one of the wrong shape, with non-finite values or not L2-normalised (422).
+calibrated for (400) or does not know (422), an undecodable upload or a form with two images (400), an image
+over the pixel limit (413, read from its header before decoding), a vector from another encoder's space (409)
+or one of the wrong shape, with non-finite values or not L2-normalised (422). Image queries pass the app's
+admission gates (``serving.admission``): beyond the queue, 503 with ``Retry-After``.
 """
 
 # No ``from __future__ import annotations``: the endpoint annotations refer to ``settings`` in the enclosing
@@ -18,9 +20,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from indexing import NotCalibratedError, UnknownGranularityError
+from indexing import IndexFormatError, NotCalibratedError, UnknownGranularityError
+from retrieval.data.images import ImageTooLargeError
 from serving.api.batching import MicroBatcher
-from serving.api.deps import get_batcher, get_engine
+from serving.api.deps import Gates, get_batcher, get_engine, get_gates
 from serving.api.metrics import REQUEST_START_KEY
 from serving.api.queries import Answer, ImageQuery, answer_vectors
 from serving.api.schemas import EmbeddingSearchRequest, ErrorBody, Hit, SearchResponse
@@ -33,8 +36,10 @@ __all__ = ["search_router"]
 _ERRORS = {
     400: {"model": ErrorBody, "description": "not an image, or a granularity asked of an uncalibrated index"},
     401: {"model": ErrorBody, "description": "missing or invalid API key (when the server has one)"},
-    413: {"model": ErrorBody, "description": "upload larger than the server's limit"},
+    413: {"model": ErrorBody, "description": "upload larger than the server's limit (bytes or pixels)"},
     422: {"model": ErrorBody, "description": "invalid parameters (k, granularity, min_score, the embedding)"},
+    500: {"model": ErrorBody, "description": "the query encoder is broken (it produced NaN or infinity)"},
+    503: {"model": ErrorBody, "description": "busy (too many queries waiting) or still starting; see Retry-After"},
 }
 
 
@@ -89,6 +94,7 @@ def search_router(settings: ServeSettings, dependencies: list) -> APIRouter:
         request: Request,
         engine: Annotated[SearchEngine, Depends(get_engine)],
         batcher: Annotated[MicroBatcher, Depends(get_batcher)],
+        gates: Annotated[Gates, Depends(get_gates)],
         image: Annotated[UploadFile, File(description="the query image (JPEG, PNG, WebP, ...)")],
         k: Annotated[
             int | None,
@@ -104,18 +110,34 @@ def search_router(settings: ServeSettings, dependencies: list) -> APIRouter:
         ] = None,
     ) -> SearchResponse:
         _granularity_checked(engine, granularity, min_score)  # answer before reading and decoding the upload
+        images = len((await request.form()).getlist("image"))  # parsed once by FastAPI, cached on the request
+        if images > 1:  # otherwise the last part would silently replace the first
+            raise HTTPException(status_code=400, detail=f"send one image per request; the form has {images}")
         k = k or default_k(min_score)
         name = image.filename or "<upload>"
         data = await image.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(status_code=413, detail=f"{name}: {too_large_message(max_bytes)}")
-        query = ImageQuery(data, name, k, granularity, min_score)
-        try:
-            if batcher.batches:  # decode in this request's own thread hop, in parallel with the running batch
-                query = await run_in_threadpool(query.decoded)
-            answer = await batcher.submit(query)
-        except ValueError as exc:  # CorruptImageError: the message names the client's file, not a server path
-            raise HTTPException(status_code=400, detail=str(exc)) from None
+        query = ImageQuery(
+            data,
+            name,
+            k,
+            granularity,
+            min_score,
+            max_pixels=settings.max_image_pixels,
+            target_size=engine.query_encoder.preprocess.input_size,
+        )
+        async with gates.queries.slot():  # OverloadedError (503 + Retry-After) when the queue is full
+            try:
+                async with gates.decodes.slot():  # its own thread hop: decoded images in memory stay bounded
+                    query = await run_in_threadpool(query.decoded)
+                answer = await batcher.submit(query)
+            except ImageTooLargeError as exc:
+                raise HTTPException(status_code=413, detail=str(exc)) from None
+            except IndexFormatError:  # a ValueError too, but the server's fault: serving.api.errors answers it
+                raise
+            except ValueError as exc:  # CorruptImageError: the message names the client's file, not a server path
+                raise HTTPException(status_code=400, detail=str(exc)) from None
         return _response(request, answer, k, engine.query_encoder.encoder_id, granularity, min_score)
 
     @router.post(

@@ -9,6 +9,12 @@ seconds per CLI call). The file's own metadata says how to feed it:
   inputs and outputs, so they need nothing special.
 - ``input_format="uint8_rgb"`` (``--format onnx-mobile``): the resized RGB pixels as uint8, one image per
   run (the mobile graph has a static batch of 1 and normalises inside).
+
+Opening a file verifies its checksum (``serving.model_checksum``): a damaged model that ONNX Runtime
+still loads would otherwise answer every query wrongly or with NaN. An ``.onnx`` carries it in its
+``file_sha256`` property; an ORT-format file is checked against a ``<file>.sha256`` sidecar, which the
+mobile export writes (the ``file_sha256`` an ORT copy inherits describes the ``.onnx`` it came from, so
+it is ignored). Files without a checksum (older exports, ORT copies made by hand) open with a warning.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serving.onnx_metadata import OnnxEncoderInfo, OnnxMetadataError, parse_onnx_metadata, read_onnx_metadata
+from serving.model_checksum import CHECKSUM_KEY, verify_file, verify_sidecar
+from serving.onnx_metadata import (
+    OnnxEncoderInfo,
+    OnnxMetadataError,
+    parse_onnx_metadata,
+    read_onnx_metadata,
+)
 from serving.runtimes.base import DEFAULT_BATCH_SIZE, RUNTIMES, QueryEncoderError, QueryEncoderRuntime, check_batch_size
 from serving.runtimes.numpy_batches import chunks, finish_embeddings, model_inputs, pad_batch
 from serving.runtimes.onnx_providers import ProviderSpec, resolve_providers
@@ -66,6 +78,7 @@ class OnnxRuntimeQueryEncoder(QueryEncoderRuntime):
         QueryEncoderError: missing file, a file ONNX Runtime cannot load, an input that does not match the
             metadata's ``input_format``, or no requested provider installed.
         serving.onnx_metadata.OnnxMetadataError: no valid query-encoder metadata in the file.
+        serving.model_checksum.ModelChecksumError: the file's bytes do not match its checksum.
     """
 
     expects = "an .onnx file exported by `retrieval export` (with query-encoder metadata) or its ORT-format copy"
@@ -89,12 +102,20 @@ class OnnxRuntimeQueryEncoder(QueryEncoderRuntime):
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         # ONNX Runtime guesses the format from the ".ort" suffix; say it from the file's content instead.
-        options.add_session_config_entry("session.load_model_format", "ORT" if is_ort_format(self.path) else "ONNX")
+        ort_format = is_ort_format(self.path)
+        options.add_session_config_entry("session.load_model_format", "ORT" if ort_format else "ONNX")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own InvalidProtobuf/Fail/InvalidGraph types
-            raise QueryEncoderError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
+            detail = " ".join(str(exc).split()).replace(str(self.path), self.path.name)
+            raise QueryEncoderError(
+                f"ONNX Runtime cannot load {self.path} (a damaged or truncated file, or not a model): {detail}"
+            ) from exc
         props = self.session.get_modelmeta().custom_metadata_map
+        if ort_format:
+            verify_sidecar(self.path)
+        else:
+            verify_file(self.path, props.get(CHECKSUM_KEY))
         self.info: OnnxEncoderInfo = parse_onnx_metadata(props, str(self.path))
         self.encoder_id = self.info.encoder_id
         self.teacher_id = self.info.teacher_id

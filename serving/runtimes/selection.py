@@ -46,12 +46,11 @@ def runtime_for(path: str | Path) -> str:
         reason = RUNTIMES.get(name).reject_reason(path)
         if reason is None:
             return name
-        reason = reason.replace(str(path), path.name)  # the header names the full path once
+        reason = " ".join(reason.replace(str(path), path.name).split())  # the header names the full path once
         refusals.append(f"{name} expects {RUNTIMES.get(name).expects}; here: {reason}")
-    raise QueryEncoderError(
-        f"no query-encoder runtime can open {path}:\n  - "
-        + "\n  - ".join(refusals)
-        + "\nForcing a runtime (runtime=NAME, CLI --runtime NAME) shows that runtime's own error."
+    raise QueryEncoderError(  # one line: the CLI prints it as one `error:` line, a log as one record
+        f"no query-encoder runtime can open {path}: " + "; ".join(refusals) + ". Forcing a runtime "
+        "(runtime=NAME, CLI --runtime NAME) shows that runtime's own error."
     )
 
 

@@ -25,6 +25,7 @@ from serving.runtimes.tensorrt_sidecar import (
     TensorRTSidecarError,
     read_engine_sidecar,
     sidecar_path,
+    verify_engine_file,
 )
 
 __all__ = ["TensorRTQueryEncoder", "tensorrt_problems"]
@@ -67,7 +68,7 @@ class TensorRTQueryEncoder(QueryEncoderRuntime):
         batch_size: most images per engine run (further capped by the profile).
 
     Raises:
-        TensorRTSidecarError: the sidecar is missing or malformed.
+        TensorRTSidecarError: the sidecar is missing or malformed, or the engine does not match its checksum.
         QueryEncoderError: no ``tensorrt`` package or no CUDA device here (the message says how to get them),
             or an engine that does not load with the installed TensorRT or does not have the sidecar's tensors.
     """
@@ -81,6 +82,7 @@ class TensorRTQueryEncoder(QueryEncoderRuntime):
             problem = "is not a file" if self.path.exists() else "not found"
             raise QueryEncoderError(f"TensorRT engine {self.path} {problem}")
         self.engine_info: TensorRTEngineInfo = read_engine_sidecar(self.path)
+        engine_bytes = verify_engine_file(self.path, self.engine_info)  # before TensorRT: a CPU host reports it too
         problems = tensorrt_problems()
         if problems:
             raise QueryEncoderError(
@@ -94,7 +96,7 @@ class TensorRTQueryEncoder(QueryEncoderRuntime):
         # One execution context holds the shapes and addresses of one run; the HTTP API calls ``encode``
         # from several threads, so runs take turns (TensorRT contexts are not thread-safe).
         self._lock = threading.Lock()
-        self._open_engine(device)
+        self._open_engine(device, engine_bytes)
 
     @classmethod
     def reject_reason(cls, path: Path) -> str | None:
@@ -109,7 +111,7 @@ class TensorRTQueryEncoder(QueryEncoderRuntime):
             return str(exc)
         return None
 
-    def _open_engine(self, device: str) -> None:
+    def _open_engine(self, device: str, engine_bytes: bytes) -> None:
         import tensorrt as trt
         import torch
 
@@ -128,7 +130,7 @@ class TensorRTQueryEncoder(QueryEncoderRuntime):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self.device):
-            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+            self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
             if self.engine is None:
                 raise QueryEncoderError(
                     f"TensorRT {trt.__version__} cannot deserialise {self.path} (built with TensorRT "

@@ -6,17 +6,25 @@ built from (string values, as ``serving.onnx_metadata.encoder_metadata`` writes 
 ``engine_format`` (``ENGINE_FORMAT``), ``tensorrt_version``, ``input_name``, ``output_name`` and
 ``profile`` (``{"min", "opt", "max"}``: the ``[batch, 3, S, S]`` input shapes the engine was built for),
 the added keys as plain JSON values. Reading it needs neither TensorRT nor a GPU.
+
+``engine_sha256`` is the SHA-256 of the engine file: an engine is opaque bytes, and a damaged one may
+still deserialise and return wrong embeddings, so the runtime hashes the file before loading it
+(``verify_engine_file``). Sidecars written before the key existed are accepted, with a warning.
+The ONNX file's own ``file_sha256`` is not copied: it describes the ``.onnx``, not the engine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retrieval.atomic import write_file_atomically
+from serving.model_checksum import CHECKSUM_KEY
 from serving.onnx_metadata import REQUIRED_KEYS, OnnxEncoderInfo, OnnxMetadataError, parse_onnx_metadata
 from serving.runtimes.base import QueryEncoderError
 
@@ -28,8 +36,11 @@ __all__ = [
     "engine_sidecar",
     "read_engine_sidecar",
     "sidecar_path",
+    "verify_engine_file",
     "write_engine_sidecar",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Value of the sidecar's ``engine_format``; bump the suffix when the keys or the engine's I/O change.
 ENGINE_FORMAT = "retrieval-query-encoder-tensorrt/1"
@@ -51,6 +62,7 @@ class TensorRTEngineInfo:
         input_name: the engine's input tensor.
         output_name: the engine's output tensor (``(batch, dim)`` embeddings).
         profile: ``{"min"|"opt"|"max": (batch, 3, S, S)}``.
+        engine_sha256: SHA-256 of the engine file; ``None`` in sidecars written before the key existed.
     """
 
     encoder: OnnxEncoderInfo
@@ -58,6 +70,7 @@ class TensorRTEngineInfo:
     input_name: str
     output_name: str
     profile: dict[str, tuple[int, int, int, int]]
+    engine_sha256: str | None = None
 
     @property
     def min_batch(self) -> int:
@@ -80,19 +93,52 @@ def engine_sidecar(
     input_name: str,
     output_name: str,
     profile: Mapping[str, Sequence[int]],
+    engine: bytes | None = None,
 ) -> dict[str, Any]:
     """The sidecar content for an engine built from an ONNX file with ``metadata`` (its ``metadata_props``).
 
     Kept here, beside the reader, so that the exporter and the runtime cannot disagree on the format.
+    ``engine`` is the serialised engine, whose SHA-256 the sidecar records; the exporter always gives it
+    (without it the sidecar is one written before checksums, and the engine opens unchecked).
     """
-    return {
-        **{key: str(value) for key, value in metadata.items()},
+    content = {
+        **{key: str(value) for key, value in metadata.items() if key != CHECKSUM_KEY},
         "engine_format": ENGINE_FORMAT,
         "tensorrt_version": str(tensorrt_version),
         "input_name": str(input_name),
         "output_name": str(output_name),
         "profile": {key: [int(d) for d in profile[key]] for key in PROFILE_KEYS},
     }
+    if engine is not None:
+        content["engine_sha256"] = hashlib.sha256(engine).hexdigest()
+    return content
+
+
+def verify_engine_file(engine_path: str | Path, info: TensorRTEngineInfo) -> bytes:
+    """Read the engine file and check it against the sidecar's ``engine_sha256``; return its bytes.
+
+    Needs neither TensorRT nor a GPU. A sidecar without the key (written before it existed) passes with a warning.
+
+    Raises:
+        TensorRTSidecarError: the file cannot be read, or its hash differs (a damaged or replaced engine).
+    """
+    engine_path = Path(engine_path)
+    try:
+        data = engine_path.read_bytes()
+    except OSError as exc:
+        raise TensorRTSidecarError(f"cannot read TensorRT engine {engine_path}: {exc}") from exc
+    if info.engine_sha256 is None:
+        logger.warning(
+            "TensorRT sidecar %s has no engine_sha256 (written before checksums); the engine cannot be checked: "
+            "export it again",
+            sidecar_path(engine_path),
+        )
+    elif hashlib.sha256(data).hexdigest() != info.engine_sha256:
+        raise TensorRTSidecarError(
+            f"{engine_path} does not match the checksum recorded in its sidecar {sidecar_path(engine_path).name} "
+            "(engine_sha256): the engine is corrupt or was replaced; export it again"
+        )
+    return data
 
 
 def write_engine_sidecar(engine_path: str | Path, sidecar: Mapping[str, Any]) -> Path:
@@ -139,7 +185,14 @@ def read_engine_sidecar(engine_path: str | Path) -> TensorRTEngineInfo:
     input_name = _string(data, "input_name", path)
     output_name = _string(data, "output_name", path)
     profile = _profile(data.get("profile"), encoder.preprocess.input_size, path)
-    return TensorRTEngineInfo(encoder, tensorrt_version, input_name, output_name, profile)
+    engine_sha256 = data.get("engine_sha256")
+    if engine_sha256 is not None and not (
+        isinstance(engine_sha256, str) and len(engine_sha256) == 64 and set(engine_sha256) <= set("0123456789abcdef")
+    ):
+        raise TensorRTSidecarError(
+            f"TensorRT sidecar {path}: 'engine_sha256' must be 64 lowercase hex digits, got {engine_sha256!r}"
+        )
+    return TensorRTEngineInfo(encoder, tensorrt_version, input_name, output_name, profile, engine_sha256)
 
 
 def _encoder_info(data: Mapping[str, Any], path: Path) -> OnnxEncoderInfo:

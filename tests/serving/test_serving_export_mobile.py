@@ -94,7 +94,7 @@ def _chain_from_input(graph, name: str, steps: int) -> list[str]:
 
 def test_ort_copy_loads_and_embeds_like_the_onnx_file(mobile, photo_folder, tiny_encoder_config):
     assert mobile.ort_path == mobile.path.with_suffix(".ort") and mobile.ort_path.read_bytes()[4:8] == b"ORTM"
-    assert sorted(p.name for p in mobile.path.parent.iterdir()) == ["query.onnx", "query.ort"]
+    assert sorted(p.name for p in mobile.path.parent.iterdir()) == ["query.onnx", "query.ort", "query.ort.sha256"]
     pixels = to_uint8_chw(Image.open(photo_folder / "photo_03.png"), tiny_encoder_config.preprocess)[None]
     outputs = []
     for path in (mobile.path, mobile.ort_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 
@@ -57,11 +58,14 @@ def test_sidecar_round_trips_through_the_runtime_reader(serving_onnx, tmp_path):
     engine = tmp_path / "query.engine"
     engine.write_bytes(b"not a real engine; the sidecar reader never opens it")
     profile = batch_profile(1, 8, 32, int(metadata["input_size"]))
-    path = write_engine_sidecar(engine, engine_sidecar(metadata, "10.9.0", "images", "embeddings", profile))
+    content = engine_sidecar(metadata, "10.9.0", "images", "embeddings", profile, engine.read_bytes())
+    path = write_engine_sidecar(engine, content)
     assert path == sidecar_path(engine) == tmp_path / "query.engine.json"
     data = json.loads(path.read_text())
     assert data["engine_format"] == ENGINE_FORMAT and data["profile"]["max"] == [32, 3, 32, 32]
-    assert all(isinstance(data[key], str) for key in metadata)
+    assert "file_sha256" not in data  # the .onnx's checksum; the engine has its own
+    assert data["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()
+    assert all(isinstance(data[key], str) for key in metadata if key != "file_sha256")
     info = read_engine_sidecar(engine)
     assert info.encoder.encoder_id == metadata["encoder_id"] and info.encoder.precision == "fp32"
     assert (info.min_batch, info.max_batch, info.input_name, info.output_name) == (1, 32, "images", "embeddings")

@@ -35,7 +35,8 @@ def broken_index(serving_index, serving_gallery, tmp_path_factory) -> Path:
 
     Item 0: a file that was moved away; 1: a directory; 2: a path relative to the index directory (present);
     3: no path; 4: a text file posing as a PNG; 5: a device; 6: the gallery's own file, unchanged.
-    (The checksum covers the FAISS file only, so editing the metadata leaves the index openable.)
+    (The manifest's metadata checksum is recomputed after the edit, as an operator who means the change would
+    with `retrieval index verify` on a manifest without it.)
     """
     root = tmp_path_factory.mktemp("broken_index")
     index = root / "index"
@@ -50,10 +51,21 @@ def broken_index(serving_index, serving_gallery, tmp_path_factory) -> Path:
         4: str(root / "not-an-image.png"),
         5: "/dev/zero",
     }
+    _set_paths(index, paths)
+    return index
+
+
+def _set_paths(index: Path, paths: dict[int, str | None]) -> None:
+    """Rewrite items' recorded paths in the metadata database and reseal the manifest's checksum of it."""
+    from indexing.index_dir import file_sha256
+    from indexing.manifest import Manifest
+
     with sqlite3.connect(index / "metadata.sqlite") as conn:
         conn.executemany("UPDATE items SET path = ? WHERE id = ?", [(p, i) for i, p in paths.items()])
     conn.close()
-    return index
+    manifest = Manifest.read(index / "manifest.json")
+    manifest.metadata_sha256 = file_sha256(index / "metadata.sqlite")
+    manifest.write(index / "manifest.json")
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +141,7 @@ def test_the_cache_answers_repeats_evicts_the_oldest_and_notices_a_changed_file(
     shutil.copytree(serving_index, index_copy)
     image = tmp_path / "item0.png"
     Image.new("RGB", (32, 32), (200, 0, 0)).save(image)
-    with sqlite3.connect(index_copy / "metadata.sqlite") as conn:
-        conn.execute("UPDATE items SET path = ? WHERE id = 0", (str(image),))
-    conn.close()
+    _set_paths(index_copy, {0: str(image)})
     with open_index_dir(index_copy) as index:
         thumbnailer = Thumbnailer(index, max_entries=2)
         first = thumbnailer.thumbnail(0, 32)
