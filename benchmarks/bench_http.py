@@ -40,9 +40,6 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -223,53 +220,16 @@ def _concurrent(port: int, body: bytes, headers: dict[str, str], n: int, concurr
     return {**_percentiles(times), "rps": n / wall, "errors": errors[0]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_server(index: Path, onnx: Path, batch_max_size: int, batch_wait_ms: float) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
-    command = [
-        sys.executable, "-c", "from retrieval.cli.main import main; main()", "serve", "--index", str(index),
-        "--query-encoder", str(onnx), "--port", str(port), "--batch-max-size", str(batch_max_size),
-        "--batch-max-wait-ms", str(batch_wait_ms),
-    ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"retrieval serve exited: {process.stderr.read()[-2000:]}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/v1/readyz")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return process, port
-            conn.close()
-        except OSError:
-            pass
-        time.sleep(0.1)
-    process.terminate()
-    raise RuntimeError("retrieval serve did not become ready within 120 s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def _http_runs(args: argparse.Namespace, engine: Any, index: Path, onnx: Path, jpeg: bytes) -> dict[str, Any]:
+    from serving.api.server import serve_process
+
     body, headers = _multipart(jpeg, args.k)
     runs: dict[str, Any] = {}
     for label, batch in (("batching off", 1), ("batching on", args.batch_max_size)):
-        process, port = _start_server(index, onnx, batch, args.batch_max_wait_ms)
-        try:
+        serve_args = ["--index", str(index), "--query-encoder", str(onnx), "--batch-max-size", str(batch),
+                      "--batch-max-wait-ms", str(args.batch_max_wait_ms)]  # fmt: skip
+        with serve_process(serve_args, cwd=str(ROOT)) as (url, _):
+            port = int(url.rsplit(":", 1)[1])
             run: dict[str, Any] = {"batch_max_size": batch}
             if batch == 1:
                 local, remote = _interleaved(engine, port, body, headers, jpeg, args.requests, args.k)
@@ -288,8 +248,6 @@ def _http_runs(args: argparse.Namespace, engine: Any, index: Path, onnx: Path, j
             run[f"c{args.concurrency}"] = _concurrent(port, body, headers, args.concurrent_requests, args.concurrency)
             run["batch_sizes"] = _batch_sizes(_get(port, "/metrics"))
             runs[label] = run
-        finally:
-            _stop(process)
     return runs
 
 

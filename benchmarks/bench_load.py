@@ -31,7 +31,6 @@ import json
 import os
 import random
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,7 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_http import _build_artifacts, _free_port, _query_jpeg  # noqa: E402
+from bench_http import _build_artifacts, _query_jpeg  # noqa: E402
+
+from serving.api.server import serve_process  # noqa: E402
 
 TARGET_RSS_GROWTH = 0.10
 
@@ -72,40 +73,6 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
-
-
-def start_server(index: Path, onnx: Path, serve_args: list[str]) -> tuple[subprocess.Popen, str]:
-    """``retrieval serve`` on a free loopback port; returns the process and its base URL once /v1/readyz is 200."""
-    import httpx
-
-    port = _free_port()
-    command = [
-        sys.executable, "-c", "from retrieval.cli.main import main; main()", "serve", "--index", str(index),
-        "--query-encoder", str(onnx), "--port", str(port), *serve_args,
-    ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"retrieval serve exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/v1/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("retrieval serve did not become ready within 120 s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def load_run(url: str, pid: int, jpeg: bytes, args: argparse.Namespace) -> dict[str, Any]:
@@ -237,14 +204,12 @@ def main() -> None:
         index, onnx = args.index, args.query_encoder
         if index is None:
             index, onnx = _build_artifacts(Path(tmp), "resnet10t", 224, 64)
-        process, url = start_server(index, onnx, args.serve_arg)
-        try:
+        serve_args = ["--index", str(index), "--query-encoder", str(onnx), *args.serve_arg]
+        with serve_process(serve_args, cwd=str(ROOT)) as (url, process):
             if args.bombs:
                 report = {"bombs": bomb_run(url, process.pid, args.bombs)}
             else:
                 report = {"load": load_run(url, process.pid, _query_jpeg(), args)}
-        finally:
-            stop_server(process)
     report["machine"] = {"cpus": os.cpu_count(), "serve_args": args.serve_arg}
     if args.json:
         print(json.dumps(report, indent=2))

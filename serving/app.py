@@ -175,6 +175,9 @@ def serve(settings: ServeSettings) -> None:
     """
     import uvicorn
 
+    from serving.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before uvicorn's and ONNX Runtime's threads exist: RSS stays flat under load
     engine = SearchEngine.open(
         settings.index, settings.query_encoder, runtime=settings.runtime, **settings.runtime_options()
     )

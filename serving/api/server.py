@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ServerStartError", "running_server"]
+__all__ = ["ServerStartError", "free_port", "running_server", "serve_process"]
 
 
 class ServerStartError(RuntimeError):
@@ -57,3 +57,79 @@ def running_server(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a server in another process, which must bind it itself)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_process(
+    serve_args: list[str],
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 120.0,
+    cwd: str | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """Run ``retrieval serve`` as its own process on 127.0.0.1; yield ``(base URL, Popen)`` once it is ready.
+
+    The deployment path exactly (the CLI, ``uvicorn.run``, the process's own memory), for benchmarks and tests
+    that measure or kill the server. Readiness is ``GET /v1/readyz`` answering 200 (engine open, warmed up).
+
+    Args:
+        serve_args: arguments after ``retrieval serve`` (``--index``...). ``--port`` is added unless ``port`` is
+            ``0``, which means the port comes from ``env`` (``RETRIEVAL_PORT``).
+        port: the port to pass; default a free one.
+        env: the process environment (default: this one's).
+        ready_timeout_s: how long to wait for readiness.
+        cwd: the working directory.
+
+    Raises:
+        ServerStartError: the process exited or was not ready in time (its stderr's tail is in the message).
+    """
+    import http.client
+    import os
+    import subprocess
+    import sys
+
+    environment = dict(os.environ if env is None else env)
+    if port == 0:
+        port = int(environment["RETRIEVAL_PORT"])
+        args = list(serve_args)
+    else:
+        port = port or free_port()
+        args = [*serve_args, "--port", str(port)]
+    command = [sys.executable, "-c", "from retrieval.cli.main import main; main()", "serve", *args]
+    process = subprocess.Popen(
+        command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise ServerStartError(
+                    f"retrieval serve exited with {process.returncode}: {process.stderr.read()[-2000:]}"
+                )
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/v1/readyz")
+                ready = connection.getresponse().status == 200
+                connection.close()
+                if ready:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"retrieval serve was not ready within {ready_timeout_s:g} s")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

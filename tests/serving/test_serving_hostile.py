@@ -12,16 +12,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+
+from serving.api.server import free_port, serve_process
 
 ROOT = Path(__file__).resolve().parents[2]
 UPLOAD_MB = 1.0
@@ -40,12 +40,6 @@ def _corpus_module():
 hostile_corpus = _corpus_module()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -56,7 +50,7 @@ def peak_rss_mib(pid: int) -> float:
 @pytest.fixture(scope="module")
 def served(serving_index, serving_onnx) -> Iterator[tuple[str, subprocess.Popen]]:
     """``retrieval serve`` of the tiny index and ONNX model, placed by RETRIEVAL_HOST / RETRIEVAL_PORT."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "RETRIEVAL_HOST": "127.0.0.1",
@@ -65,31 +59,9 @@ def served(serving_index, serving_onnx) -> Iterator[tuple[str, subprocess.Popen]
         "RETRIEVAL_PROVIDERS": "cpu",
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-c", "from retrieval.cli.main import main; main()", "serve",
-               "--index", str(serving_index), "--query-encoder", str(serving_onnx)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"retrieval serve exited: {process.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/v1/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("retrieval serve did not become ready on RETRIEVAL_PORT")
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = ["--index", str(serving_index), "--query-encoder", str(serving_onnx)]
+    with serve_process(args, port=0, env=env, ready_timeout_s=90, cwd=str(ROOT)) as served:  # port from the env
+        yield served
 
 
 @pytest.fixture(scope="module")
