@@ -93,11 +93,13 @@ def _kill_at_random_moments(command: list[str], kills: int, span_s: float, seed:
     """
     rng = random.Random(seed)
     killed = 0
-    for _ in range(kills):
+    for attempt in range(kills):
         if published is not None and published():
             break
         process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + rng.uniform(0.0, span_s)
+        # the first delay stays well inside the run (a run can be quicker than the timed one on a busy machine),
+        # so at least one kill lands; the others range over the whole run, the final swap included
+        deadline = time.monotonic() + rng.uniform(0.0, span_s * (0.6 if attempt == 0 else 1.0))
         while process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         if process.poll() is None:
