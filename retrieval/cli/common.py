@@ -24,7 +24,9 @@ __all__ = [
     "user_errors",
 ]
 
-console = Console()
+#: Results go to stdout without hard wraps, so a printed command or path can be pasted as it is (tables still
+#: fit the terminal); messages on stderr wrap for reading.
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 

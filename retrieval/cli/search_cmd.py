@@ -60,7 +60,8 @@ def search(
     search; on index types without one, a k-NN search with a growing k filtered at the threshold, and a note).
 
     On a calibrated index every hit also shows its level: the finest label level whose threshold
-    its score reaches. An unreadable query image is reported and skipped; the other queries still run.
+    its score reaches. An unreadable query image is reported and skipped; the other queries still run, and the
+    exit status is 1 (2 when no query could be read).
     """
     with user_errors():
         from retrieval.data.images import CorruptImageError, load_image
@@ -102,5 +103,5 @@ def search(
                 )
         for failure in failures:
             console.print(f"[red]error:[/] {failure['error']}", highlight=False)
-    if failures and not payload:
-        raise typer.Exit(2)
+    if failures:  # a script must notice a query it did not get answers for: 2 when none ran, 1 when some did
+        raise typer.Exit(1 if payload else 2)

@@ -56,6 +56,15 @@ def test_index_evaluate_export_search_chain(synth_dir, tiny_checkpoint, tmp_path
                    str(query), "--k", "2"])  # fmt: skip
     assert found["results"][0]["hits"][0]["path"] == str(query.resolve())
 
+    # one unreadable query among good ones: the others are answered, the failure is listed, the exit status is 1
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    search = ["search", "--index", str(tmp_path / "index"), "--query-encoder", str(tmp_path / "q.onnx"), "--json"]
+    partial = runner.invoke(app, [*search, str(query), str(broken)])
+    assert partial.exit_code == 1 and len(json.loads(partial.stdout)["results"]) == 1
+    assert json.loads(partial.stdout)["errors"][0]["query"] == str(broken)
+    assert runner.invoke(app, [*search, str(broken)]).exit_code == 2
+
 
 def test_bad_inputs_are_one_line_errors(synth_dir, tiny_checkpoint, tmp_path):
     cases = [
