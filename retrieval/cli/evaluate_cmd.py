@@ -55,7 +55,7 @@ def recall(
             return
         from indexing.extract import extract_embeddings
         from models import load_encoder
-        from retrieval.evaluation.protocols import evaluate_embeddings
+        from retrieval.evaluation.protocols import evaluate_chance, evaluate_embeddings
 
         dataset = open_dataset(images)
         model = load_encoder(encoder, device=device)
@@ -63,10 +63,14 @@ def recall(
         _check_enough(images, len(extraction))
         labels = dataset.labels[extraction.indices]
         report = evaluate_embeddings(extraction.embeddings, labels, schema=dataset.schema, ks=k_values)
+        chance = evaluate_chance(labels, extraction.embeddings.shape[1], schema=dataset.schema, ks=k_values)
     if as_json:
-        print_json({**report.to_dict(), "skipped": len(extraction.skipped)})
+        print_json({**report.to_dict(), "chance": chance.to_dict(), "skipped": len(extraction.skipped)})
         return
-    console.print(report.format_table(), highlight=False)
+    from retrieval.evaluation.report import format_side_by_side
+
+    title = f"{encoder.name} beside chance (random unit vectors, the same labels and protocol)"
+    console.print(format_side_by_side({"encoder": report, "chance": chance}, title=title), highlight=False)
     _print_skipped(len(extraction.skipped))
 
 

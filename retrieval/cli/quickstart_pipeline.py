@@ -183,16 +183,13 @@ def _evaluate(index_path: Path, gallery: Any, seed: int) -> tuple[dict[str, Any]
     """Per-level metrics from the vectors in the index, the same metrics for random vectors (chance), and the
     index's vectors in gallery order (the teacher side of the student's asymmetric evaluation)."""
     from indexing.index_dir import open_index_dir
-    from retrieval.evaluation.protocols import evaluate_embeddings
+    from retrieval.evaluation.protocols import evaluate_chance, evaluate_embeddings
 
     with open_index_dir(index_path) as index:
         ids, vectors = index.index.reconstruct_all()
     labels = gallery.labels[ids]
     report = evaluate_embeddings(vectors, labels, schema=gallery.schema)
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal(vectors.shape).astype(np.float32)
-    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    chance = evaluate_embeddings(noise, labels, schema=gallery.schema)
+    chance = evaluate_chance(labels, vectors.shape[1], schema=gallery.schema, seed=seed)
     in_gallery_order = np.zeros((len(gallery), vectors.shape[1]), np.float32)
     in_gallery_order[ids] = vectors
     return report.to_dict(), chance.to_dict(), in_gallery_order

@@ -26,7 +26,7 @@ from retrieval.evaluation.metrics import (
 )
 from retrieval.evaluation.report import EvaluationReport
 
-__all__ = ["as_embeddings", "as_labels", "check_report_ks", "evaluate_embeddings", "resolve_schema"]
+__all__ = ["as_embeddings", "as_labels", "check_report_ks", "evaluate_chance", "evaluate_embeddings", "resolve_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -332,3 +332,21 @@ def _warn_if_not_normalised(embeddings: np.ndarray, name: str) -> None:
             name,
             worst,
         )
+
+
+def evaluate_chance(
+    query_labels: Any,
+    dim: int,
+    schema: LabelSchema | Sequence[str] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    seed: int = 0,
+) -> EvaluationReport:
+    """The leave-one-out metrics of random unit vectors for the same labels: the chance level of each metric.
+
+    A number means little without it: R@1 of 60% is excellent with 100 balanced classes and poor with 2, and
+    coarse levels with few large classes have high chance levels. Seeded, so reports are reproducible.
+    """
+    labels = _to_numpy(query_labels)
+    noise = np.random.default_rng(seed).standard_normal((len(labels), int(dim))).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    return evaluate_embeddings(noise, labels, schema=schema, ks=ks)

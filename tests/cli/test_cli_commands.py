@@ -47,6 +47,8 @@ def test_index_evaluate_export_search_chain(synth_dir, tiny_checkpoint, tmp_path
     report = _json(["evaluate", "recall", "--encoder", str(tiny_checkpoint), "--images", str(test_csv),
                     "--ks", "1,2"])  # fmt: skip
     assert report["skipped"] == 1 and set(report["per_level"]["coarse"]) == {"R@1", "R@2", "mAP"}
+    chance = report["chance"]  # random unit vectors with the same labels: what the numbers mean
+    assert set(chance["per_level"]["coarse"]) == {"R@1", "R@2", "mAP"} and 0 < chance["mean"]["mAP"] < 1
 
     exported = _json(["export", "--encoder", str(tiny_checkpoint), "--out", str(tmp_path / "q.onnx")])
     assert exported["min_cosine_vs_pytorch"] >= 0.9999
