@@ -72,11 +72,6 @@ class MicroBatcher(Generic[T, R]):
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
-    @property
-    def batches(self) -> bool:
-        """Whether items go through the queue to be batched (``max_size`` > 1 and started), not one by one."""
-        return self._worker is not None
-
     def start(self) -> None:
         """Start the worker task on the running event loop (a no-op when batching is off)."""
         if self.max_size > 1 and self._worker is None:

@@ -1,10 +1,10 @@
 """Answering queries against a ``SearchEngine``: what the micro-batcher runs in its worker thread.
 
-Without batching, decoding, embedding and searching an upload happen in one thread hop: a lone query
-costs one hand-over from the event loop. With batching, each request decodes its own upload in the
-thread pool first (``ImageQuery.image``), so the uploads of the next batch decode on every core while
-the current batch is embedded, instead of one after the other in the batch's thread; the batch then
-shares one ``encode`` call. An upload that does not decode fails alone; the rest of its batch is answered.
+Each request decodes its own upload in the thread pool first (``ImageQuery.decoded``, behind the app's
+decode gate), so uploads decode on every core while a batch is embedded, and the number of decoded
+images in memory stays bounded; the batch then shares one ``encode`` call. A query that reaches
+``answer_image_queries`` undecoded is decoded there; one that fails fails alone, and the rest of its
+batch is answered.
 """
 
 from __future__ import annotations

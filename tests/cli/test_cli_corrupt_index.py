@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from file_damage import truncate
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -76,10 +77,6 @@ def _flip_byte(path: Path, position: float) -> None:
     path.write_bytes(bytes(data))
 
 
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
 def _flip_manifest_checksum(index: Path) -> None:
     text = (index / "manifest.json").read_text()
     digest = json.loads(text)["index_sha256"]
@@ -87,17 +84,17 @@ def _flip_manifest_checksum(index: Path) -> None:
 
 
 CORRUPTIONS = {
-    "index truncated": ("index.faiss", lambda p: _truncate(p / "index.faiss")),
+    "index truncated": ("index.faiss", lambda p: truncate(p / "index.faiss")),
     "index bit-flipped": ("index.faiss", lambda p: _flip_byte(p / "index.faiss", 0.6)),
-    "manifest truncated": ("manifest.json", lambda p: _truncate(p / "manifest.json")),
+    "manifest truncated": ("manifest.json", lambda p: truncate(p / "manifest.json")),
     "manifest bit-flipped": ("index.faiss", _flip_manifest_checksum),  # the two no longer agree: names the index
-    "metadata truncated": ("metadata.sqlite", lambda p: _truncate(p / "metadata.sqlite")),
+    "metadata truncated": ("metadata.sqlite", lambda p: truncate(p / "metadata.sqlite")),
     "metadata bit-flipped": ("metadata.sqlite", lambda p: _flip_byte(p / "metadata.sqlite", 0.9)),
 }
 OLD_FORMAT_CORRUPTIONS = {
     "old manifest, index vector changed": ("index.faiss", _flip_vector),
-    "old manifest, index truncated": ("index.faiss", lambda p: _truncate(p / "index.faiss")),
-    "old manifest, metadata truncated": ("metadata.sqlite", lambda p: _truncate(p / "metadata.sqlite")),
+    "old manifest, index truncated": ("index.faiss", lambda p: truncate(p / "index.faiss")),
+    "old manifest, metadata truncated": ("metadata.sqlite", lambda p: truncate(p / "metadata.sqlite")),
 }
 
 

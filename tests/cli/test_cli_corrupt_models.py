@@ -15,21 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from file_damage import flip_bytes, truncate
 from PIL import Image
 
 RETRIEVAL = [sys.executable, "-m", "retrieval.cli.main"]
-
-
-def flip_bytes(path: Path, count: int, seed: int) -> None:
-    data = bytearray(path.read_bytes())
-    for position in np.random.default_rng(seed).choice(len(data), count, replace=False):
-        data[position] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.fixture(scope="module")

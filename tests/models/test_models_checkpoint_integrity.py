@@ -11,26 +11,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from file_damage import flip_bytes, truncate
 
 from models import CheckpointError, load_encoder, read_checkpoint_info
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def flip_bytes(path: Path, count: int, seed: int) -> None:
-    """Invert ``count`` distinct bytes of ``path`` at seeded positions (what a bad disk or copy does)."""
-    data = bytearray(path.read_bytes())
-    for position in np.random.default_rng(seed).choice(len(data), count, replace=False):
-        data[position] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def truncate(path: Path) -> None:
-    """Keep the first half of ``path`` (an interrupted copy)."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.fixture

@@ -9,15 +9,14 @@ with four 13000 x 13000 PNGs (169 MP each, 164 KB: under Pillow's bomb guard) ar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hostile_corpus
 import httpx
 import pytest
 
@@ -27,17 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 UPLOAD_MB = 1.0
 #: Peak RSS allowed to the server: it idles near 250 MiB; one decoded 13000x13000 PNG alone adds ~680 MiB.
 MAX_PEAK_RSS_MIB = 700
-
-
-def _corpus_module():
-    spec = importlib.util.spec_from_file_location("hostile_corpus", Path(__file__).with_name("hostile_corpus.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("hostile_corpus", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-hostile_corpus = _corpus_module()
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -13,10 +13,10 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from file_damage import flip_bytes, truncate
 
 from retrieval.errors import UserFacingError
 from serving.engine import SearchEngine
@@ -32,19 +32,6 @@ from serving.onnx_metadata import read_onnx_metadata
 from serving.runtimes import OnnxRuntimeQueryEncoder, open_query_encoder
 from serving.runtimes.tensorrt_runtime import TensorRTQueryEncoder
 from serving.runtimes.tensorrt_sidecar import TensorRTSidecarError, engine_sidecar, write_engine_sidecar
-
-
-def flip_bytes(path: Path, count: int, seed: int) -> None:
-    """Invert ``count`` distinct bytes of ``path`` at seeded positions."""
-    data = bytearray(path.read_bytes())
-    for position in np.random.default_rng(seed).choice(len(data), count, replace=False):
-        data[position] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 def _props(path: Path) -> dict[str, str]:
