@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
     from retrieval.evaluation.report import EvaluationReport
 
 __all__ = [
+    "computes",
     "console",
     "err_console",
     "fail",
@@ -80,3 +83,41 @@ def recipe_overrides(set_values: list[str], options: dict[str, object]) -> list[
     ``None`` means the option was not given and the recipe's value stands. Options come last, so they win.
     """
     return [*set_values, *(f"{key}={value}" for key, value in options.items() if value is not None)]
+
+
+def computes(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with a ``--threads N`` option (default: ``RETRIEVAL_THREADS``) that caps its CPU threads.
+
+    Every command that computes (trains, embeds, searches, exports, serves) is registered through this, so the
+    option reads the same everywhere and lives in one place; see :mod:`retrieval.threads` for why it matters on
+    shared machines. The limit is applied before the command body runs, i.e. before it imports torch, FAISS or
+    ONNX Runtime.
+    """
+    from retrieval.threads import THREADS_ENV
+
+    option = typer.Option(
+        None,
+        "--threads",
+        envvar=THREADS_ENV,
+        min=1,
+        help="CPU threads for torch, FAISS and ONNX Runtime (default: all cores). On a busy shared machine 1-2 "
+        "threads are often several times faster.",
+    )
+    threads_parameter = inspect.Parameter(
+        "threads", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=int | None
+    )
+
+    @functools.wraps(command)
+    def with_threads(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
+        if threads is not None:
+            from retrieval.threads import limit_compute_threads
+
+            limit_compute_threads(threads)
+        return command(*args, **kwargs)
+
+    signature = inspect.signature(command, eval_str=True)
+    with_threads.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), threads_parameter]
+    )
+    with_threads.__annotations__ = {**command.__annotations__, "threads": int | None}
+    return with_threads

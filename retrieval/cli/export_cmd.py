@@ -46,7 +46,9 @@ def export(
         0.8, "--min-overlap", min=0.0, max=1.0, help="onnx-mobile: fail below this mean top-10 overlap of a search."
     ),
     latency_repeats: int = typer.Option(20, "--latency-repeats", min=1, help="onnx-mobile: timed runs per model."),
-    threads: int = typer.Option(1, "--threads", min=1, help="onnx-mobile: ONNX Runtime threads for the checks."),
+    check_threads: int = typer.Option(
+        1, "--check-threads", min=1, help="onnx-mobile: ONNX Runtime threads for the latency and agreement checks."
+    ),
     min_batch: int = typer.Option(1, "--min-batch", min=1, help="tensorrt: smallest batch the engine accepts."),
     opt_batch: int = typer.Option(8, "--opt-batch", min=1, help="tensorrt: batch the engine is tuned for."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="tensorrt: largest batch the engine accepts."),
@@ -94,7 +96,7 @@ def export(
                 min_cosine=min_cosine,
                 min_overlap=min_overlap,
                 latency_repeats=latency_repeats,
-                threads=threads,
+                threads=check_threads,
                 opset=opset,
             )
             summary = {"format": format.value} | exported.as_dict()

@@ -25,6 +25,7 @@ from retrieval.cli import (
     serve_cmd,
     train_cmd,
 )
+from retrieval.cli.common import computes
 
 __all__ = ["app", "main"]
 
@@ -41,22 +42,22 @@ index_app = typer.Typer(
 )
 evaluate_app = typer.Typer(help="Offline evaluation protocols.", no_args_is_help=True)
 
-app.command("quickstart")(quickstart_cmd.quickstart)
-app.command("train")(train_cmd.train)
-app.command("distill")(distill_cmd.distill)
-app.command("search")(search_cmd.search)
-app.command("export")(export_cmd.export)
-app.command("serve")(serve_cmd.serve)
-data_app.command("synth")(data_cmd.synth)
-index_app.command("build")(index_cmd.build)
-index_app.command("merge")(index_cmd.merge)
-index_app.command("add")(index_cmd.add)
+app.command("quickstart")(computes(quickstart_cmd.quickstart))
+app.command("train")(computes(train_cmd.train))
+app.command("distill")(computes(distill_cmd.distill))
+app.command("search")(computes(search_cmd.search))
+app.command("export")(computes(export_cmd.export))
+app.command("serve")(computes(serve_cmd.serve))
+data_app.command("synth")(computes(data_cmd.synth))
+index_app.command("build")(computes(index_cmd.build))
+index_app.command("merge")(computes(index_cmd.merge))
+index_app.command("add")(computes(index_cmd.add))
 index_app.command("info")(index_inspect_cmd.info)
 index_app.command("verify")(index_inspect_cmd.verify)
-index_app.command("calibrate")(index_inspect_cmd.calibrate)
-evaluate_app.command("recall")(evaluate_cmd.recall)
-evaluate_app.command("dyml")(evaluate_dyml_cmd.dyml)
-evaluate_app.command("revisited")(evaluate_revisited_cmd.revisited)
+index_app.command("calibrate")(computes(index_inspect_cmd.calibrate))
+evaluate_app.command("recall")(computes(evaluate_cmd.recall))
+evaluate_app.command("dyml")(computes(evaluate_dyml_cmd.dyml))
+evaluate_app.command("revisited")(computes(evaluate_revisited_cmd.revisited))
 app.add_typer(data_app, name="data")
 app.add_typer(index_app, name="index")
 app.add_typer(evaluate_app, name="evaluate")

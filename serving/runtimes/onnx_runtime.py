@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from retrieval.threads import compute_threads
 from serving.model_checksum import CHECKSUM_KEY, verify_file, verify_sidecar
 from serving.onnx_metadata import (
     OnnxEncoderInfo,
@@ -72,7 +73,8 @@ class OnnxRuntimeQueryEncoder(QueryEncoderRuntime):
             ``"cuda"``, or ``(name, options)`` pairs); default CUDA when installed, then CPU. The TensorRT
             provider runs only when named here (see ``serving.runtimes.onnx_providers``).
         batch_size: images per ``session.run`` for models with a dynamic batch axis.
-        threads: ONNX Runtime intra-op threads; default: ONNX Runtime's choice (all cores).
+        threads: ONNX Runtime intra-op threads; default: ``--threads`` / ``RETRIEVAL_THREADS`` when set
+            (``retrieval.threads``), else ONNX Runtime's choice (all cores).
 
     Raises:
         QueryEncoderError: missing file, a file ONNX Runtime cannot load, an input that does not match the
@@ -99,6 +101,7 @@ class OnnxRuntimeQueryEncoder(QueryEncoderRuntime):
             raise QueryEncoderError(f"ONNX query encoder {self.path} {problem}")
         chosen = resolve_providers(providers, ort.get_available_providers())
         options = ort.SessionOptions()
+        threads = compute_threads() if threads is None else threads
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         # ONNX Runtime guesses the format from the ".ort" suffix; say it from the file's content instead.
