@@ -12,7 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 # The core utilities every layer may use, then: package -> the project packages it may import.
-CORE = {"retrieval.config", "retrieval.registry", "retrieval.atomic", "retrieval.errors", "retrieval.resources"}
+CORE = {
+    "retrieval.config",
+    "retrieval.registry",
+    "retrieval.atomic",
+    "retrieval.errors",
+    "retrieval.resources",
+    "retrieval.threads",
+}
 ALLOWED = {
     "retrieval.data": CORE | {"retrieval.data"},
     "retrieval.evaluation": CORE | {"retrieval.data", "retrieval.evaluation"},
