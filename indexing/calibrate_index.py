@@ -5,8 +5,11 @@ and paired with each other, leave-one-out: every ordered pair of distinct valida
 (query, hit) example, positive at a level when both share that level's class. Pairing the validation set
 with itself keeps the labels in one vocabulary and the result independent of what the gallery holds (and
 of an approximate index's reconstruction error); the validation images should be drawn like the queries
-and the gallery the index will serve. Only ``manifest.json`` is rewritten (atomically); the FAISS index
-and the metadata are untouched.
+and the gallery the index will serve. Only ``manifest.json`` is rewritten (atomically), and
+``calibration.png`` (:mod:`indexing.calibration_plot`: the pair-score histograms and thresholds per level) is
+written beside it (atomically, before the manifest); the FAISS index and the metadata are untouched. The
+calibration stored in the manifest carries its diagnostics (:mod:`indexing.calibration_diagnostics`), the
+warnings that say when the thresholds cannot be trusted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from indexing.calibration import DEFAULT_BINS, Calibration, calibrate_thresholds, parse_objective
+from indexing.calibration import DEFAULT_BINS, Calibration, count_pairs, parse_objective, thresholds_from_counts
+from indexing.calibration_plot import CALIBRATION_PLOT_FILE, write_calibration_plot
 from indexing.errors import IndexFormatError
 from indexing.extract import extract_embeddings
 from indexing.index_dir import MANIFEST_FILE, open_index_dir
@@ -41,16 +45,19 @@ class IndexCalibration:
     """What ``calibrate_index`` did.
 
     Attributes:
-        calibration: the thresholds and their precision/recall/F1, now stored in the manifest.
+        calibration: the thresholds, their precision/recall/F1 and diagnostics (warnings), now stored in the
+            manifest.
         images: validation images embedded.
         skipped: validation files left out as unreadable.
         manifest: the updated manifest.
+        plot: the ``calibration.png`` written in the index directory.
     """
 
     calibration: Calibration
     images: int
     skipped: SkipReport
     manifest: Manifest
+    plot: Path | None = None
 
 
 def open_validation_set(labels: str | Path, levels: list[str]) -> LabelledImageDataset:
@@ -82,7 +89,7 @@ def calibrate_index(
     num_workers: int = 0,
     progress: bool = True,
 ) -> IndexCalibration:
-    """Calibrate one threshold per label level of ``index_path`` and store it in the index's manifest.
+    """Calibrate one threshold per label level of ``index_path``, store it in the manifest, plot it beside it.
 
     Args:
         index_path: an index directory.
@@ -100,7 +107,8 @@ def calibrate_index(
     Raises:
         IndexFormatError: ``index_path`` is not a valid index directory.
         CalibrationError: levels that differ from the index's, an encoder from another space, a bad objective,
-            fewer than two readable images, or a level without any pair sharing a class.
+            fewer than two readable images, a level without any pair sharing a class, or a plot that cannot be
+            written (the manifest is then left as it was).
     """
     try:
         parse_objective(objective)
@@ -123,13 +131,10 @@ def calibrate_index(
     if len(extraction) < 2:
         raise CalibrationError(f"calibration needs at least 2 readable validation images, got {len(extraction)}")
     try:
-        calibration = calibrate_thresholds(
-            extraction.embeddings,
-            dataset.labels[extraction.indices],
-            schema=list(manifest.levels),
-            objective=objective,
-            bins=bins,
+        counts = count_pairs(
+            extraction.embeddings, dataset.labels[extraction.indices], schema=list(manifest.levels), bins=bins
         )
+        calibration = thresholds_from_counts(counts, objective)
     except ValueError as exc:
         raise CalibrationError(f"cannot calibrate {path} on {labels}: {exc}") from None
     try:
@@ -138,9 +143,17 @@ def calibrate_index(
         )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise IndexFormatError(f"index {path}: the calibrated manifest is invalid: {exc}") from None
+    try:
+        plot = write_calibration_plot(path / CALIBRATION_PLOT_FILE, counts, calibration)
+    except OSError as exc:
+        raise CalibrationError(f"cannot write {path / CALIBRATION_PLOT_FILE}: {exc}") from None
     updated.write(path / MANIFEST_FILE)
     logger.info("calibrated %s on %d images: %s", path, len(extraction), calibration.thresholds)
-    return IndexCalibration(calibration, images=len(extraction), skipped=extraction.skipped, manifest=updated)
+    for warning in calibration.warnings:  # INFO, not WARNING: the CLI prints them itself
+        logger.info("calibration warning (%s): %s", warning.kind, warning.message)
+    return IndexCalibration(
+        calibration, images=len(extraction), skipped=extraction.skipped, manifest=updated, plot=plot
+    )
 
 
 def _encoder_path(index_path: Path, manifest: Manifest, given: str | Path | None) -> Path:

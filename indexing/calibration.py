@@ -40,6 +40,13 @@ programming over the grid, and every level it moved is marked ``clamped`` with i
 With nested labels a precision target never needs this (a coarser level's positives include the finer
 level's, so its precision is at least as high at every threshold); F1 optima can cross, e.g. when a fine
 level has few positives.
+
+Diagnostics: every calibration from :func:`thresholds_from_counts` carries
+:class:`~indexing.calibration_diagnostics.CalibrationDiagnostics` read off the same histograms (score
+quantiles and AUC per level, the score band, and warnings when the thresholds are untrustworthy: low F1
+or precision, heavily overlapping classes, squeezed scores, crowded thresholds), stored with the
+thresholds in the index manifest. Thresholds are returned whatever the warnings say; judging them is
+the caller's (the CLI prints the warnings).
 """
 
 from __future__ import annotations
@@ -53,6 +60,13 @@ from typing import Any
 
 import numpy as np
 
+from indexing.calibration_diagnostics import (
+    QUANTILES,
+    CalibrationDiagnostics,
+    CalibrationWarning,
+    DiagnosticLimits,
+    diagnose,
+)
 from retrieval.data.labels import LabelSchema
 from retrieval.evaluation.protocols import as_embeddings, as_labels, resolve_schema
 
@@ -141,15 +155,18 @@ class Calibration:
         levels: one :class:`LevelThreshold` per label level, finest first.
         objective: the objective that chose them (``"f1"`` or ``"precision>=P"``).
         bins: number of candidate thresholds over [-1, 1] (the grid resolution is ``2 / bins``).
+        diagnostics: how far the thresholds can be trusted (score quantiles, AUC, warnings), or ``None`` for a
+            calibration stored before diagnostics existed or built by hand.
 
     Raises:
         ValueError: on construction, with no level, a repeated level name, thresholds that increase from a finer
-            level to a coarser one, or an invalid objective.
+            level to a coarser one, an invalid objective, or diagnostics of other levels.
     """
 
     levels: tuple[LevelThreshold, ...]
     objective: str = "f1"
     bins: int = DEFAULT_BINS
+    diagnostics: CalibrationDiagnostics | None = None
 
     def __post_init__(self) -> None:
         levels = tuple(self.levels)
@@ -167,6 +184,10 @@ class Calibration:
                 )
         parse_objective(self.objective)
         _check_bins(self.bins)
+        if self.diagnostics is not None and [d.level for d in self.diagnostics.levels] != names:
+            raise ValueError(
+                f"diagnostics of levels {[d.level for d in self.diagnostics.levels]} do not match the levels {names}"
+            )
 
     @property
     def level_names(self) -> list[str]:
@@ -177,6 +198,11 @@ class Calibration:
     def thresholds(self) -> dict[str, float]:
         """``{level: threshold}``, finest first: the form the index manifest stores."""
         return {entry.level: float(entry.threshold) for entry in self.levels}
+
+    @property
+    def warnings(self) -> tuple[CalibrationWarning, ...]:
+        """Reasons to distrust the thresholds (empty when there are none or no diagnostics were computed)."""
+        return () if self.diagnostics is None else self.diagnostics.warnings
 
     @property
     def clamped(self) -> bool:
@@ -191,19 +217,28 @@ class Calibration:
         raise ValueError(f"unknown granularity {name!r}; calibrated levels are {', '.join(self.level_names)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the index manifest."""
-        return {"objective": self.objective, "bins": int(self.bins), "levels": [e.to_dict() for e in self.levels]}
+        """JSON-ready form for the index manifest (``"diagnostics"`` only when computed)."""
+        payload: dict[str, Any] = {
+            "objective": self.objective,
+            "bins": int(self.bins),
+            "levels": [e.to_dict() for e in self.levels],
+        }
+        if self.diagnostics is not None:
+            payload["diagnostics"] = self.diagnostics.to_dict()
+        return payload
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, Any]) -> Calibration:
         """Rebuild a calibration from :meth:`to_dict` output.
+
+        Payloads written before diagnostics existed (no ``"diagnostics"`` key) load with ``diagnostics=None``.
 
         Raises:
             ValueError: a payload that is not a calibration (missing or unknown keys, wrong types, broken ruler order).
         """
         if not isinstance(payload, Mapping) or not isinstance(payload.get("levels"), list):
             raise ValueError("a calibration must be a mapping with a 'levels' list")
-        unknown = set(payload) - {"objective", "bins", "levels"}
+        unknown = set(payload) - {"objective", "bins", "levels", "diagnostics"}
         if unknown:
             raise ValueError(f"unknown calibration keys: {sorted(unknown)}")
         fields = set(LevelThreshold.__dataclass_fields__)
@@ -215,35 +250,75 @@ class Calibration:
                 entries.append(LevelThreshold(**dict(item)))
             except TypeError as exc:
                 raise ValueError(f"calibration level {position}: {exc}") from exc
+        diagnostics = payload.get("diagnostics")
         return cls(
-            tuple(entries), objective=str(payload.get("objective", "f1")), bins=payload.get("bins", DEFAULT_BINS)
+            tuple(entries),
+            objective=str(payload.get("objective", "f1")),
+            bins=payload.get("bins", DEFAULT_BINS),
+            diagnostics=None if diagnostics is None else CalibrationDiagnostics.from_dict(diagnostics),
         )
 
     def format_table(self) -> str:
-        """A plain-text table for the CLI, with a note on levels moved to keep the ruler order."""
-        header = ("level", "threshold", "precision", "recall", "F1", "positives", "pairs")
-        rows = [
-            (
-                e.level,
-                f"{e.threshold:.4f}" + ("*" if e.clamped else ""),
-                f"{e.precision:.3f}",
-                f"{e.recall:.3f}",
-                f"{e.f1:.3f}",
-                f"{e.positives:,}",
-                f"{e.pairs:,}",
+        """A plain-text table for the CLI, with a note on levels moved to keep the ruler order.
+
+        With diagnostics, an AUC column and a second table of score percentiles (same-class and other pairs)
+        follow, and the score band; the warnings themselves are left to the caller to show (``warnings``).
+        """
+        diagnostics = self.diagnostics
+        header = ("level", "threshold", "precision", "recall", "F1", *(("AUC",) if diagnostics else ()))
+        header = (*header, "positives", "pairs")
+        rows = []
+        for e in self.levels:
+            auc = () if diagnostics is None else (_number(diagnostics.level(e.level).auc, 3),)
+            rows.append(
+                (
+                    e.level,
+                    f"{e.threshold:.4f}" + ("*" if e.clamped else ""),
+                    f"{e.precision:.3f}",
+                    f"{e.recall:.3f}",
+                    f"{e.f1:.3f}",
+                    *auc,
+                    f"{e.positives:,}",
+                    f"{e.pairs:,}",
+                )
             )
-            for e in self.levels
-        ]
-        widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
-        lines = [f"objective: {self.objective} (grid step {2 / self.bins:.2g})"]
-        for row in [header, *rows]:
-            cells = [cell.rjust(width) for cell, width in zip(row, widths, strict=True)]
-            cells[0] = row[0].ljust(widths[0])
-            lines.append("  ".join(cells).rstrip())
+        lines = [f"objective: {self.objective} (grid step {2 / self.bins:.2g})", *_aligned([header, *rows])]
         for e in self.levels:
             if e.clamped:
                 lines.append(f"* {e.level}: moved from its own optimum {e.raw_threshold:.4f} to keep the ruler order")
+        if diagnostics is not None:
+            scores = [("score percentiles", "same class p5 / p50 / p95", "other pairs p5 / p50 / p95")]
+            for d in diagnostics.levels:
+                scores.append((d.level, _spread(d.positive_quantiles), _spread(d.negative_quantiles)))
+            low, high = diagnostics.band
+            lines += [
+                *_aligned(scores),
+                f"score band {low:.4f} to {high:.4f} (width {diagnostics.band_width:.4f}): 5th percentile of all "
+                f"pairs to 95th of same-{self.levels[0].level} pairs",
+            ]
         return "\n".join(lines)
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as lines of right-aligned columns (the first left-aligned), two spaces apart."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(width) for cell, width in zip(row, widths, strict=True)]
+        cells[0] = row[0].ljust(widths[0])
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _spread(quantiles: tuple[float, ...] | None) -> str:
+    """The 5th, 50th and 95th percentiles of a tuple over :data:`~indexing.calibration_diagnostics.QUANTILES`."""
+    if quantiles is None:
+        return "none"
+    return " / ".join(f"{quantiles[QUANTILES.index(p)]:.4f}" for p in (5, 50, 95))
 
 
 @dataclass(frozen=True)
@@ -366,8 +441,13 @@ def count_pairs(
     return PairCounts(levels=tuple(names), total=total[:bins], positives=positives[:, :bins])
 
 
-def thresholds_from_counts(counts: PairCounts, objective: str = "f1") -> Calibration:
+def thresholds_from_counts(
+    counts: PairCounts, objective: str = "f1", *, limits: DiagnosticLimits | None = None
+) -> Calibration:
     """Choose one threshold per level from pair histograms (see the module docstring for the rules).
+
+    The result carries diagnostics (:func:`indexing.calibration_diagnostics.diagnose`) against ``limits``
+    (default :class:`~indexing.calibration_diagnostics.DiagnosticLimits`).
 
     Raises:
         ValueError: a level with no positive pair, or a precision target that no (ordered) set of thresholds reaches.
@@ -412,7 +492,12 @@ def thresholds_from_counts(counts: PairCounts, objective: str = "f1") -> Calibra
         )
         for k, (name, j) in enumerate(zip(counts.levels, chosen, strict=True))
     )
-    calibration = Calibration(entries, objective=objective.strip().lower().replace(" ", ""), bins=counts.bins)
+    calibration = Calibration(
+        entries,
+        objective=objective.strip().lower().replace(" ", ""),
+        bins=counts.bins,
+        diagnostics=diagnose(counts, entries, limits),
+    )
     if calibration.clamped:
         logger.warning(
             "per-level optima broke the ruler order (%s); thresholds chosen jointly instead: %s",

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from retrieval.cli.common import console, print_json, user_errors
 
@@ -19,6 +20,7 @@ def info(
 ) -> None:
     """Describe an index: items, ids, index type and search defaults, encoder, levels, thresholds, files, history."""
     with user_errors():
+        from indexing.calibration_plot import CALIBRATION_PLOT_FILE
         from indexing.index_dir import open_index_dir
         from indexing.verify import verify_index_dir
 
@@ -27,11 +29,15 @@ def info(
             details = directory.info()
     if report is not None:
         details["verify"] = report.to_dict()
+    plot = Path(details["path"]) / CALIBRATION_PLOT_FILE
+    details["calibration_plot"] = str(plot) if details["calibration"] and plot.is_file() else None
     if as_json:
         print_json(details)
         return
     for key, value in describe(details):
-        console.print(f"{key:<12} {value}", highlight=False, soft_wrap=True)
+        console.print(f"{key:<12} {escape(value)}", highlight=False, soft_wrap=True)
+    for warning in stored_warnings(details):
+        console.print(f"[yellow]warning:[/] {escape(warning['message'])}", highlight=False, soft_wrap=True)
 
 
 def verify(
@@ -73,6 +79,7 @@ def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
         ("encoder", f"{details['encoder_id']}" + (f" ({details['encoder_path']})" if details["encoder_path"] else "")),
         ("levels", ", ".join(details["levels"]) or "none (unlabelled)"),
         ("thresholds", _thresholds_line(details)),
+        *((("plot", details["calibration_plot"]),) if details.get("calibration_plot") else ()),
         ("files", ", ".join(f"{name} {_size(size)}" for name, size in details["files"].items())),
         ("size", _size(details["size_bytes"])),
         ("checksum", _checksum_line(details)),
@@ -88,6 +95,12 @@ def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return lines
+
+
+def stored_warnings(details: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calibration warnings stored in the manifest (none for an uncalibrated index or an older calibration)."""
+    diagnostics = (details.get("calibration") or {}).get("diagnostics") or {}
+    return list(diagnostics.get("warnings", []))
 
 
 def _checksum_line(details: dict[str, Any]) -> str:
@@ -115,7 +128,12 @@ def _search_line(details: dict[str, Any], faiss: dict[str, Any]) -> str:
 def _thresholds_line(details: dict[str, Any]) -> str:
     if not details["thresholds"]:
         return "not calibrated (retrieval index calibrate INDEX --labels CSV)"
-    return ", ".join(f"{level} {value:.4f}" for level, value in details["thresholds"].items())
+    line = ", ".join(f"{level} {value:.4f}" for level, value in details["thresholds"].items())
+    calibration = details.get("calibration") or {}
+    if calibration.get("diagnostics") is not None:
+        count = len(stored_warnings(details))
+        line += f" ({count} calibration warning{'s' if count != 1 else ''})" if count else " (no calibration warning)"
+    return line
 
 
 def _size(size: int) -> str:
@@ -148,8 +166,11 @@ def calibrate(
     leave-one-out (every ordered pair of distinct images; positive at a level when both share
     its class); per level, the threshold that best meets the objective over those pairs is kept,
     in ruler order (fine >= middle >= coarse). The levels of --labels must be the index's. Prints
-    threshold, precision, recall and F1 per level. Afterwards hits carry their level and
-    `retrieval search --granularity LEVEL` keeps the hits above that level's threshold.
+    threshold, precision, recall, F1 and AUC per level, the score percentiles of same-class and other
+    pairs, and warnings when the thresholds cannot be trusted (low F1 or precision, overlapping classes,
+    scores squeezed into a narrow band, thresholds crowded together); writes INDEX/calibration.png with
+    the score histograms and thresholds per level. Afterwards hits carry their level (none below every
+    threshold) and `retrieval search --granularity LEVEL` keeps the hits above that level's threshold.
     """
     with user_errors():
         from indexing.calibrate_index import calibrate_index
@@ -171,6 +192,8 @@ def calibrate(
                 "images": result.images,
                 "skipped": len(result.skipped),
                 "thresholds": result.calibration.thresholds,
+                "warnings": [warning.to_dict() for warning in result.calibration.warnings],
+                "plot": None if result.plot is None else str(result.plot),
                 "calibration": result.calibration.to_dict(),
             }
         )
@@ -179,8 +202,15 @@ def calibrate(
 
 
 def print_calibration(result: Any, index: Path) -> None:
-    """The calibration summary a person reads: images used, the per-level table, skipped images."""
+    """The calibration summary a person reads: images used, the per-level table, the plot, skipped images, warnings.
+
+    The warnings come last, in yellow, so that they are the last thing on the screen.
+    """
     console.print(f"calibrated {index} on {result.images} validation images (leave-one-out pairs)", highlight=False)
-    console.print(result.calibration.format_table(), highlight=False)
+    console.print(escape(result.calibration.format_table()), highlight=False, soft_wrap=True)
+    if getattr(result, "plot", None) is not None:
+        console.print(f"plot: {escape(str(result.plot))}", highlight=False, soft_wrap=True)
     if len(result.skipped):
         console.print(f"[yellow]skipped {len(result.skipped)} unreadable validation images[/]")
+    for warning in result.calibration.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning.message)}", highlight=False, soft_wrap=True)

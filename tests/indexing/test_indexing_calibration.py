@@ -374,3 +374,34 @@ def test_joint_ordered_choice_matches_brute_force():
             chosen = _best_ordered(values, LEVELS, target)
             assert chosen[0] >= chosen[1] >= chosen[2]
             assert values[[0, 1, 2], chosen].sum() == reference
+
+
+def test_a_hit_below_every_threshold_carries_no_level_through_index_directory_search(tmp_path):
+    from indexing.faiss_index import FaissIndex
+    from indexing.index_dir import open_index_dir, write_index_dir
+    from indexing.manifest import Manifest
+    from indexing.metadata import MetadataRow
+    from serving.api.schemas import Hit
+
+    # Gallery items at known cosines to the query e0: 0.95 (fine), 0.7 (coarse), 0.2 and -0.3 (below both).
+    cosines = np.array([0.95, 0.7, 0.2, -0.3])
+    gallery = np.stack([cosines, np.sqrt(1 - cosines**2), np.zeros(4)], axis=1).astype(np.float32)
+    index = FaissIndex(3)
+    index.add(gallery, np.arange(4))
+    rows = [MetadataRow(id=i, path=f"{i}.jpg", labels={"fine": f"f{i}", "coarse": "c"}) for i in range(4)]
+    entries = tuple(
+        LevelThreshold(name, threshold, 1.0, 1.0, 1.0, positives=1, pairs=4, raw_threshold=threshold)
+        for name, threshold in (("fine", 0.9), ("coarse", 0.5))
+    )
+    calibration = Calibration(entries).to_dict()
+    manifest = Manifest(dim=3, count=4, encoder_id="e", levels=["fine", "coarse"], calibration=calibration)
+    write_index_dir(tmp_path / "idx", index, rows, manifest)
+    query = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
+    with open_index_dir(tmp_path / "idx") as directory:
+        (found,) = directory.search(query, 4)
+        (coarse_only,) = directory.search(query, 4, granularity="coarse")
+    assert found.ids == [0, 1, 2, 3]
+    assert [hit.level for hit in found] == ["fine", "coarse", None, None]  # not the finest level: none at all
+    assert coarse_only.ids == [0, 1]
+    assert "level" not in found[2].to_dict() and found[1].to_dict()["level"] == "coarse"
+    assert Hit.from_hit(found[2]).model_dump()["level"] is None  # the HTTP API answers "level": null
