@@ -5,6 +5,10 @@ wasteful, and re-training an IVF quantiser is unnecessary while the new vectors 
 ones. The new images go through the same resumable chunked extraction as a build, with the encoder
 that built the index (another encoder's vectors would live in another space, so it is refused), and
 are appended under ids that continue after the largest existing id.
+
+An index built with a whitening whitens the new vectors with its stored one (``append_to_index_dir`` does
+it): the whitening is never refitted, since the vectors already stored and every query must keep sharing
+one space. Refit it by rebuilding the index when the gallery has changed a lot.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class AddSummary:
         count: items in the index afterwards.
         seconds: wall-clock time.
         extraction: the extraction run (chunks resumed, images/s).
+        whitening: the method of the index's whitening the new vectors went through, or None.
     """
 
     index: Path
@@ -55,6 +60,7 @@ class AddSummary:
     count: int
     seconds: float
     extraction: StoreRun
+    whitening: str | None = None
 
 
 def add_to_index(
@@ -85,6 +91,8 @@ def add_to_index(
 
     Raises:
         IndexFormatError: not an index directory, or an encoder of another embedding space.
+
+    The new vectors go through the index's whitening, if it has one (see the module docstring).
         ConfigError: no encoder given and none recorded in the manifest.
         DatasetError: label levels the index does not have, an empty gallery, or no readable image.
     """
@@ -125,4 +133,5 @@ def add_to_index(
         shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     logger.info("added %d images to %s (ids from %d) in %.1fs", len(stored), index_path, first_id, seconds)
-    return AddSummary(index_path, len(stored), stored.skipped, first_id, count, seconds, run)
+    whitening = manifest.whitening.method if manifest.whitening is not None else None
+    return AddSummary(index_path, len(stored), stored.skipped, first_id, count, seconds, run, whitening)

@@ -11,6 +11,12 @@ and an optional memory budget, Flat below 50k vectors); an approximate index the
 search parameter (nprobe, efSearch) tuned to a target recall, using the original embeddings of a
 sample of the gallery as queries, and the choice, its reason and the tuned parameters go into
 the manifest.
+
+With ``whiten``, a descriptor whitening (``indexing.whitening``: "pca", "learned") is fitted after the
+extraction, on the gallery's own embeddings (and, for "learned", its finest label level) or on a separate
+labelled file (``whiten_images``, embedded with the same encoder); the index then stores the whitened
+vectors and carries the whitening, which every query goes through. ``merge_shards`` fits it at merge
+time, on the merged gallery, so sharded and single-run builds give the same index.
 """
 
 from __future__ import annotations
@@ -26,27 +32,32 @@ import numpy as np
 import torch
 
 from indexing.embedding_store import DEFAULT_CHUNK_SIZE, EmbeddingStore, StoredEmbeddings, combine_stores
-from indexing.extract import StoreRun
+from indexing.errors import IndexFormatError
+from indexing.extract import StoreRun, extract_embeddings
 from indexing.extract_job import ExtractOptions, default_work_dir, extract_gallery
 from indexing.faiss_index import FaissIndex, TuneResult
 from indexing.index_dir import check_replaceable, write_index_dir
 from indexing.index_factory import choose_factory, parse_size
 from indexing.manifest import HistoryEntry, Manifest
+from indexing.whitening import WHITENING_METHODS, Whitening, fit_whitening
 from models.checkpoint import load_encoder
+from models.encoder import Encoder
 from retrieval.config import ConfigError
 from retrieval.data.datasets import DatasetError, LabelledImageDataset
-from retrieval.data.gallery import Gallery, as_gallery
+from retrieval.data.gallery import Gallery, as_gallery, open_gallery
 from retrieval.data.images import SkipReport
 
 __all__ = [
     "AUTO_FACTORY",
     "BuildSummary",
     "BuiltIndex",
+    "WhitenPlan",
     "build_index",
     "check_index_options",
     "index_embeddings",
     "make_index",
     "merge_shards",
+    "plan_whitening",
 ]
 
 #: ``factory`` value that lets ``choose_factory`` pick the index type from the gallery size and memory budget.
@@ -73,6 +84,8 @@ class BuildSummary:
         tuning: the tuning outcome (target and measured recall, k, queries), or None for exact search.
         images: items in the gallery (indexed + skipped).
         extraction: what this run's extraction did (chunks resumed, images/s), or None for a merge.
+        whitening: the whitening the stored vectors went through (``Whitening.describe()`` plus the matching
+            ``pairs`` of a learned one), or None.
     """
 
     count: int
@@ -86,6 +99,61 @@ class BuildSummary:
     tuning: dict[str, Any] | None = None
     images: int = 0
     extraction: StoreRun | None = None
+    whitening: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class WhitenPlan:
+    """A whitening to fit when the index is written, checked before the (long) extraction.
+
+    Attributes:
+        method: a registered whitening method ("pca", "learned").
+        dim: directions to keep, or None for every non-degenerate one.
+        images: a separate gallery (CSV, folder or list) to fit on, embedded with the index's encoder; None
+            fits on the indexed gallery itself.
+        level: the label level whose classes define matching pairs (the fitting set's finest), for methods
+            that need labels; None otherwise.
+    """
+
+    method: str
+    dim: int | None = None
+    images: Gallery | None = None
+    level: str | None = None
+
+
+def plan_whitening(
+    method: str | None,
+    dim: int | None = None,
+    images: str | Path | None = None,
+    gallery_levels: tuple[str, ...] | list[str] = (),
+) -> WhitenPlan | None:
+    """Check the whitening options against the gallery before anything is embedded; None for no whitening.
+
+    Raises:
+        ConfigError: ``dim`` or ``images`` without a method, a non-positive ``dim``, or a method that needs
+            labels for a fitting set that has none.
+        retrieval.registry.UnknownNameError: an unknown method (the message lists the valid ones).
+        DatasetError: ``images`` cannot be opened.
+    """
+    if method is None:
+        if dim is not None or images is not None:
+            raise ConfigError("--whiten-dim and --whiten-images only apply with --whiten pca|learned")
+        return None
+    entry = WHITENING_METHODS.get(method)
+    if dim is not None and (isinstance(dim, bool) or int(dim) < 1):
+        raise ConfigError(f"--whiten-dim must be a positive integer, got {dim}")
+    fit_gallery = open_gallery(images) if images is not None else None
+    levels = list(fit_gallery.levels if fit_gallery is not None else gallery_levels)
+    level = None
+    if entry.needs_labels:
+        if not levels:
+            where = f"--whiten-images {images}" if images is not None else "the gallery"
+            raise ConfigError(
+                f"--whiten {method} learns from pairs of images of the same class, but {where} carries no labels; "
+                "give a labelled CSV (a 'fine' column) as the gallery or as --whiten-images, or use --whiten pca"
+            )
+        level = levels[0]
+    return WhitenPlan(method, None if dim is None else int(dim), fit_gallery, level)
 
 
 @dataclass(frozen=True)
@@ -204,6 +272,9 @@ def build_index(
     restart: bool = False,
     keep_embeddings: bool = False,
     amp: bool = True,
+    whiten: str | None = None,
+    whiten_dim: int | None = None,
+    whiten_images: str | Path | None = None,
 ) -> BuildSummary:
     """Embed ``dataset`` with the encoder checkpoint and write an index directory at ``out_path``.
 
@@ -230,9 +301,15 @@ def build_index(
         restart: discard a ``work_dir`` left by a different job (other encoder, gallery or batch size).
         keep_embeddings: keep ``work_dir`` after success (otherwise it is removed).
         amp: float16 autocast when extracting on CUDA.
+        whiten: fit this whitening method ("pca", "learned") and store whitened vectors (see the module
+            docstring); None stores the encoder's vectors as they are.
+        whiten_dim: whitened dimension (default: every direction the fitting vectors span, at most D).
+        whiten_images: fit on this labelled gallery instead of the indexed one (e.g. a validation set).
 
     Raises:
-        ConfigError: a bad factory string, memory budget or target recall.
+        ConfigError: a bad factory string, memory budget, target recall or whitening option.
+        indexing.whitening.WhiteningError: the whitening cannot be fitted (too few vectors, no matching
+            pairs, a dimension beyond what the vectors span).
         models.CheckpointError: ``encoder_path`` is not a valid checkpoint.
         DatasetError: the gallery is empty or none of its images could be read.
         IndexFormatError: ``out_path`` exists and is not an index directory.
@@ -243,13 +320,16 @@ def build_index(
     options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart)
     check_replaceable(Path(out_path))  # fail before the expensive extraction, not after it
     check_index_options(factory, memory_budget, target_recall)
+    plan = plan_whitening(whiten, whiten_dim, whiten_images, gallery.levels)
     encoder = load_encoder(encoder_path, device=device)
-    if factory != AUTO_FACTORY:
-        FaissIndex(encoder.embedding_dim, factory, device="cpu")  # a bad factory string fails here too
+    if factory != AUTO_FACTORY:  # a bad factory string fails here too (at the whitened size, when it is known)
+        FaissIndex((plan.dim if plan else None) or encoder.embedding_dim, factory, device="cpu")
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out_path)
     store, run = extract_gallery(encoder, encoder_path, gallery, work_dir, options)
+    stored = combine_stores([store])
+    whitening = fit_planned_whitening(plan, stored, encoder, options) if plan else None
     summary = index_embeddings(
-        combine_stores([store]),
+        stored,
         out_path,
         factory,
         memory_budget,
@@ -258,6 +338,7 @@ def build_index(
         action="build",
         start=start,
         run=run,
+        whitening=whitening,
     )
     if not keep_embeddings:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -272,17 +353,26 @@ def merge_shards(
     target_recall: float = 0.95,
     *,
     encoder_path: str | Path | None = None,
+    whiten: str | None = None,
+    whiten_dim: int | None = None,
+    whiten_images: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> BuildSummary:
     """Build one index from the extraction directories of ``index build --shard I/N`` runs.
 
     The shards must come from the same encoder, gallery and chunk size and cover every chunk once;
-    the index is then the one a single run would build.
+    the index is then the one a single run would build. A whitening is fitted here, at merge time, on the
+    merged gallery (the shards alone each see a part of it), exactly as a single build would fit it.
 
     Args:
         shard_dirs: the shard directories, in any order.
         out_path: the index directory to create or replace.
         factory, memory_budget, target_recall: as for :func:`build_index`.
         encoder_path: recorded as the default query encoder; default: the path the shards were embedded with.
+        whiten, whiten_dim, whiten_images: as for :func:`build_index`; ``whiten_images`` is embedded with
+            ``encoder_path`` (which must then be the shards' encoder) on ``device``.
+        progress: progress bar while embedding ``whiten_images``.
 
     Raises:
         ExtractionMismatchError: shards of different jobs, overlapping, missing or unfinished.
@@ -291,7 +381,15 @@ def merge_shards(
     check_replaceable(Path(out_path))
     check_index_options(factory, memory_budget, target_recall)
     stores = [EmbeddingStore.open(path) for path in shard_dirs]
+    plan = plan_whitening(whiten, whiten_dim, whiten_images, stores[0].spec.levels if stores else ())
     stored = combine_stores(stores)
+    whitening = None
+    if plan is not None:
+        encoder = None
+        if plan.images is not None:
+            encoder = _shards_encoder(encoder_path or stored.spec.encoder_path, stored.spec.encoder_id, device)
+        options = ExtractOptions(device=device, progress=progress)
+        whitening = fit_planned_whitening(plan, stored, encoder, options)
     return index_embeddings(
         stored,
         out_path,
@@ -302,7 +400,58 @@ def merge_shards(
         action="merge",
         start=start,
         shards=len(stores),
+        whitening=whitening,
     )
+
+
+def _shards_encoder(encoder_path: str | Path | None, encoder_id: str, device: str | torch.device) -> Encoder:
+    """The shards' encoder, to embed ``--whiten-images`` in their space."""
+    if encoder_path is None:
+        raise ConfigError("the shards record no encoder; pass --encoder to embed --whiten-images")
+    encoder = load_encoder(encoder_path, device=device)
+    if str(encoder.encoder_id) != encoder_id:
+        raise IndexFormatError(
+            f"encoder {encoder_path} (id {encoder.encoder_id}) did not embed these shards (id {encoder_id}); "
+            "--whiten-images must be embedded by the same encoder"
+        )
+    return encoder
+
+
+def fit_planned_whitening(
+    plan: WhitenPlan, stored: StoredEmbeddings, encoder: Encoder | None, options: ExtractOptions
+) -> Whitening:
+    """Fit ``plan`` on the gallery's stored embeddings, or on ``plan.images`` embedded by ``encoder``.
+
+    Raises:
+        indexing.whitening.WhiteningError: the fit failed (too few vectors, no matching pairs, ``dim`` too large).
+        DatasetError: none of ``plan.images`` could be read.
+    """
+    if plan.images is None:
+        vectors = stored.embeddings
+        labels = [row.get("labels", {}).get(plan.level) for row in stored.rows] if plan.level else None
+        fitted_on = f"gallery {stored.spec.gallery_source}"
+    else:
+        if encoder is None:
+            raise ConfigError("fitting a whitening on separate images needs the encoder that embeds them")
+        extraction = extract_embeddings(
+            encoder,
+            plan.images,
+            batch_size=options.batch_size,
+            device=options.device,
+            num_workers=options.num_workers,
+            progress=options.progress,
+            amp=options.amp,
+        )
+        if len(extraction) == 0:
+            raise DatasetError(f"none of the {len(plan.images)} --whiten-images could be read")
+        vectors = extraction.embeddings
+        rows = extraction.indices.tolist()
+        labels = [plan.images.labels_of(i).get(plan.level) for i in rows] if plan.level else None
+        fitted_on = f"images {plan.images.source}"
+    label_array = None if labels is None else np.array(labels, dtype=object)
+    whitening = fit_whitening(plan.method, vectors, label_array, plan.dim, fitted_on=fitted_on)
+    logger.info("whitening %s fitted on %s: %d -> %d dims", plan.method, fitted_on, whitening.dim_in, whitening.dim_out)
+    return whitening
 
 
 def index_embeddings(
@@ -317,13 +466,16 @@ def index_embeddings(
     start: float,
     run: StoreRun | None = None,
     shards: int = 1,
+    whitening: Whitening | None = None,
 ) -> BuildSummary:
-    """Choose, train, fill and tune the index over stored embeddings and write the index directory."""
+    """Choose, train, fill and tune the index over stored embeddings (whitened first, with ``whitening``) and write
+    the index directory (with the whitening file)."""
     spec = stored.spec
     if len(stored) == 0:
         examples = "; ".join(f"{path}: {reason}" for path, reason in stored.skipped.skipped[:3])
         raise DatasetError(f"none of the {spec.gallery_count} images could be read (e.g. {examples})")
-    built = make_index(stored.embeddings, stored.positions, factory, memory_budget, target_recall)
+    vectors = stored.embeddings if whitening is None else whitening.apply(stored.embeddings)
+    built = make_index(vectors, stored.positions, factory, memory_budget, target_recall)
     index, fields = built.index, built.manifest_fields()
     history = HistoryEntry(
         action=action,
@@ -343,7 +495,7 @@ def index_embeddings(
         history=[history.to_dict()],
         **fields,
     )
-    write_index_dir(out_path, index, stored.metadata_rows(), manifest, skipped=stored.skipped)
+    write_index_dir(out_path, index, stored.metadata_rows(), manifest, skipped=stored.skipped, whitening=whitening)
     seconds = time.perf_counter() - start
     logger.info("indexed %d images (%d skipped) into %s in %.1fs", index.ntotal, len(stored.skipped), out_path, seconds)
     return BuildSummary(
@@ -354,8 +506,16 @@ def index_embeddings(
         encoder_id=spec.encoder_id,
         images=spec.gallery_count,
         extraction=run,
+        whitening=_whitening_summary(whitening),
         **fields,
     )
+
+
+def _whitening_summary(whitening: Whitening | None) -> dict[str, Any] | None:
+    if whitening is None:
+        return None
+    pairs = whitening.details.get("pairs")
+    return {**whitening.describe(), **({"pairs": pairs} if pairs is not None else {})}
 
 
 def check_index_options(factory: str, memory_budget: int | str | None, target_recall: float) -> None:

@@ -117,6 +117,7 @@ def calibrate_index(
     with open_index_dir(index_path) as index_dir:
         manifest = index_dir.manifest
         path = index_dir.path
+        whitening = index_dir.whitening  # the index scores whitened vectors: so must the calibration pairs
     dataset = open_validation_set(labels, list(manifest.levels))
     encoder = load_encoder(_encoder_path(path, manifest, encoder_path), device=device)
     accepted = {encoder.encoder_id, getattr(encoder.config, "teacher_id", None)} - {None}
@@ -130,10 +131,9 @@ def calibrate_index(
     )
     if len(extraction) < 2:
         raise CalibrationError(f"calibration needs at least 2 readable validation images, got {len(extraction)}")
+    embeddings = extraction.embeddings if whitening is None else whitening.apply(extraction.embeddings)
     try:
-        counts = count_pairs(
-            extraction.embeddings, dataset.labels[extraction.indices], schema=list(manifest.levels), bins=bins
-        )
+        counts = count_pairs(embeddings, dataset.labels[extraction.indices], schema=list(manifest.levels), bins=bins)
         calibration = thresholds_from_counts(counts, objective)
     except ValueError as exc:
         raise CalibrationError(f"cannot calibrate {path} on {labels}: {exc}") from None

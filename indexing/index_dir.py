@@ -5,6 +5,11 @@ The directory is the unit that is built, shipped and served. It is written throu
 renamed into place only when complete, so a crash or kill during a rebuild leaves the
 previous index loadable. Opening checks that the three files agree with each other, so a
 hand-edited or mixed-up directory fails with a message instead of returning wrong hits.
+
+An index built with a whitening (``indexing.whitening``) stores whitened vectors and carries the fitted
+map in ``whitening.safetensors`` (checksum in the manifest); ``IndexDirectory`` takes queries in the
+encoder's space (``query_dim``) and whitens them itself, so every caller (CLI, server, any runtime, an
+on-device embedding) searches the same way without knowing about it.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from indexing.calibration_plot import CALIBRATION_PLOT_FILE
 from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError
 from indexing.faiss_index import NO_ID, FaissIndex, SearchParams
 from indexing.granularity import filter_by_granularity, tag_hits
 from indexing.integrity import check_graph, check_scores, check_vectors, stores_exact_vectors
-from indexing.manifest import Manifest
+from indexing.manifest import Manifest, WhiteningInfo
 from indexing.metadata import MetadataRow, MetadataStore
 from indexing.results import SearchHit, SearchResults
+from indexing.whitening import WHITENING_FILE, Whitening, load_whitening
 from retrieval.atomic import atomic_directory, recover_interrupted_swap
 from retrieval.data.images import SkipReport
 from retrieval.resources import Closeable
@@ -36,6 +43,7 @@ __all__ = [
     "MANIFEST_FILE",
     "METADATA_FILE",
     "SKIPPED_FILE",
+    "WHITENING_FILE",
     "IndexDirectory",
     "IndexFormatError",
     "append_to_index_dir",
@@ -59,6 +67,7 @@ def write_index_dir(
     rows: Iterable[MetadataRow | Mapping[str, Any]],
     manifest: Manifest,
     skipped: SkipReport | None = None,
+    whitening: Whitening | None = None,
 ) -> Path:
     """Write a complete index directory at ``path``, replacing any previous one atomically.
 
@@ -68,6 +77,9 @@ def write_index_dir(
         rows: one metadata row per indexed id; consumed lazily, so it may be a generator.
         manifest: its ``dim`` and ``count`` must match ``index``.
         skipped: files left out of the build; written as ``skipped.tsv`` when non-empty.
+        whitening: the whitening the index's vectors went through (its ``dim_out`` is the index's
+            dimension); written as ``whitening.safetensors`` and recorded, with its checksum, as the
+            manifest's ``whitening``.
 
     The manifest is written with ``index_sha256`` set to the checksum of the index file just saved
     (``open_index_dir`` verifies it), and its ``search_params``, when set, are first stored as the
@@ -90,6 +102,10 @@ def write_index_dir(
         raise IndexFormatError(f"manifest count {manifest.count} does not match the {index.ntotal} indexed vectors")
     if manifest.factory != index.factory:
         raise IndexFormatError(f"manifest factory {manifest.factory!r} does not match the index's {index.factory!r}")
+    if whitening is None and manifest.whitening is not None:
+        raise IndexFormatError("the manifest records a whitening but none was given to write")
+    if whitening is not None and whitening.dim_out != index.dim:
+        raise IndexFormatError(f"the whitening gives {whitening.dim_out}-d vectors but the index holds {index.dim}-d")
     if manifest.search_params:
         try:
             index.set_default_params(SearchParams.from_dict(manifest.search_params))
@@ -98,7 +114,7 @@ def write_index_dir(
                 f"manifest search_params {manifest.search_params} do not fit the {index.factory!r} index: {exc}"
             ) from None
     with atomic_directory(path) as tmp:
-        manifest = _fill_directory(tmp, index, rows, manifest, skipped)
+        manifest = _fill_directory(tmp, index, rows, manifest, skipped, whitening)
     logger.info("wrote index directory %s (%d items, dim %d)", path, manifest.count, manifest.dim)
     return path
 
@@ -119,7 +135,8 @@ def append_to_index_dir(
 
     Args:
         path: the index directory.
-        vectors: ``(M, dim)`` L2-normalised float32, row ``j`` for ``rows[j]``.
+        vectors: ``(M, query_dim)`` L2-normalised float32 in the encoder's space, row ``j`` for ``rows[j]``;
+            an index with a whitening whitens them with it (the one its other vectors went through).
         rows: metadata with batch-relative ids.
         skipped: files of this batch left out as unreadable (appended to ``skipped.tsv``).
         history: the ``HistoryEntry`` dict recorded in the manifest.
@@ -135,8 +152,12 @@ def append_to_index_dir(
         max_id = current.metadata.max_id()
         first_id = 0 if max_id is None else max_id + 1
         index = current.index
-        if vectors.ndim != 2 or vectors.shape[1] != index.dim:
-            raise IndexFormatError(f"vectors of shape {vectors.shape} do not fit the {index.dim}-d index at {path}")
+        if vectors.ndim != 2 or vectors.shape[1] != current.query_dim:
+            raise IndexFormatError(
+                f"vectors of shape {vectors.shape} do not fit the index at {path}, which takes {current.query_dim}-d"
+            )
+        if current.whitening is not None:
+            vectors = current.whitening.apply(vectors)
         ids = np.fromiter((first_id + row.id for row in rows), dtype=np.int64, count=len(rows))
         index.add(vectors, ids)
         report = SkipReport.read(path / SKIPPED_FILE) if (path / SKIPPED_FILE).is_file() else SkipReport()
@@ -151,7 +172,9 @@ def append_to_index_dir(
         shifted = (replace(row, id=first_id + row.id) for row in rows)
         with atomic_directory(path) as tmp:
             shutil.copyfile(path / METADATA_FILE, tmp / METADATA_FILE)
-            _fill_directory(tmp, index, shifted, manifest, report)
+            if (path / CALIBRATION_PLOT_FILE).is_file():  # the calibration stays valid, so does its plot
+                shutil.copyfile(path / CALIBRATION_PLOT_FILE, tmp / CALIBRATION_PLOT_FILE)
+            _fill_directory(tmp, index, shifted, manifest, report, current.whitening)
     logger.info("added %d items to %s (now %d)", len(rows), path, manifest.count)
     return first_id, manifest.count
 
@@ -162,9 +185,13 @@ def _fill_directory(
     rows: Iterable[MetadataRow | Mapping[str, Any]],
     manifest: Manifest,
     skipped: SkipReport | None,
+    whitening: Whitening | None = None,
 ) -> Manifest:
-    """Write index, metadata (added to any ``tmp`` already holds), skipped list and manifest into ``tmp``."""
+    """Write index, metadata (added to any ``tmp`` already holds), skipped list, whitening and manifest into ``tmp``."""
     index.save(tmp / INDEX_FILE)
+    if whitening is not None:
+        digest = whitening.save(tmp / WHITENING_FILE)
+        manifest = manifest.model_copy(update={"whitening": _whitening_info(whitening, digest)})
     with MetadataStore(tmp / METADATA_FILE) as store:
         store.add_many(rows)
         stored = store.ids()
@@ -179,6 +206,10 @@ def _fill_directory(
         skipped.write(tmp / SKIPPED_FILE)
     manifest.write(tmp / MANIFEST_FILE)  # last: a directory with a manifest is a complete one
     return manifest
+
+
+def _whitening_info(whitening: Whitening, sha256: str) -> WhiteningInfo:
+    return WhiteningInfo(**whitening.describe(), file=WHITENING_FILE, sha256=sha256)
 
 
 def check_replaceable(path: Path) -> None:
@@ -231,6 +262,7 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
     if manifest.index_sha256 is None:  # older manifest: check what can be checked without a checksum
         check_vectors(index, f"index directory {path}: {INDEX_FILE}")
         check_graph(index, f"index directory {path}: {INDEX_FILE}")
+    whitening = _open_whitening(path, manifest)
     metadata = MetadataStore(path / METADATA_FILE, readonly=True)
     try:
         problem = metadata.integrity_problem() if manifest.metadata_sha256 is None else None
@@ -246,7 +278,28 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
         raise IndexFormatError(
             f"index directory {path}: {METADATA_FILE} has {rows} rows but {MANIFEST_FILE} says {manifest.count} items"
         )
-    return IndexDirectory(path, manifest, index, metadata)
+    return IndexDirectory(path, manifest, index, metadata, whitening)
+
+
+def _open_whitening(path: Path, manifest: Manifest) -> Whitening | None:
+    """The whitening the manifest records, checksum-verified and checked against it, or ``None``."""
+    info = manifest.whitening
+    if info is None:
+        return None
+    file = path / info.file
+    if not file.is_file():
+        raise IndexFormatError(f"index directory {path} is incomplete: {info.file} is missing")
+    try:
+        whitening = load_whitening(file, info.sha256)
+    except IndexFormatError as exc:
+        raise IndexFormatError(f"index directory {path}: {exc}") from None
+    found = (whitening.method, whitening.dim_in, whitening.dim_out)
+    if found != (info.method, info.dim_in, info.dim_out):
+        raise IndexFormatError(
+            f"index directory {path}: {info.file} holds a {found[0]} whitening {found[1]} -> {found[2]} but "
+            f"{MANIFEST_FILE} records {info.method} {info.dim_in} -> {info.dim_out}"
+        )
+    return whitening
 
 
 def file_sha256(path: str | Path) -> str:
@@ -290,18 +343,37 @@ class IndexDirectory(Closeable):
     """An opened index directory: manifest, FAISS index and metadata, searchable.
 
     Use ``open_index_dir`` to create one. Searching is safe from several threads.
+
+    Queries are given in the encoder's space (``query_dim``); when the index has a ``whitening`` it is
+    applied to them here, exactly as it was to the stored vectors.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, index: FaissIndex, metadata: MetadataStore) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        index: FaissIndex,
+        metadata: MetadataStore,
+        whitening: Whitening | None = None,
+    ) -> None:
+        if (whitening is None) != (manifest.whitening is None):
+            raise IndexFormatError(f"index {path}: the manifest and the given whitening disagree")
         self.path = path
         self.manifest = manifest
         self.index = index
         self.metadata = metadata
+        self.whitening = whitening
         self._exact = stores_exact_vectors(index)  # scores of exact unit vectors are bounded by 1
 
     @property
     def dim(self) -> int:
+        """Dimension of the stored vectors (after whitening, if any)."""
         return self.manifest.dim
+
+    @property
+    def query_dim(self) -> int:
+        """Dimension of the query embeddings ``search`` takes: the encoder's (``dim`` unless the index whitens)."""
+        return self.manifest.query_dim
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -336,8 +408,8 @@ class IndexDirectory(Closeable):
         pass; ask for a larger ``k`` to see more of them.
 
         Args:
-            query_embeddings: ``(Q, dim)`` L2-normalised float32 embeddings from an encoder compatible
-                with ``manifest.encoder_id``.
+            query_embeddings: ``(Q, query_dim)`` L2-normalised float32 embeddings from an encoder compatible
+                with ``manifest.encoder_id`` (in its space: the index whitens them when it has a whitening).
             k: hits wanted per query (fewer when the index holds fewer items, or fewer pass ``granularity``).
             granularity: a calibrated level name (e.g. ``"middle"``), or ``None`` for a plain k-NN search.
 
@@ -364,8 +436,8 @@ class IndexDirectory(Closeable):
         k-NN search with a growing k filtered at ``min_score`` stands in, and the second return value says so.
 
         Args:
-            query_embeddings: ``(Q, dim)`` L2-normalised float32 embeddings.
-            min_score: cosine similarity the hits must exceed.
+            query_embeddings: ``(Q, query_dim)`` L2-normalised float32 embeddings (encoder space, as for ``search``).
+            min_score: cosine similarity the hits must exceed (between whitened vectors, for a whitened index).
             limit: keep at most this many hits per query (``None``: all of them).
 
         Returns:
@@ -385,9 +457,14 @@ class IndexDirectory(Closeable):
         return self._results(per_query, None), found.fallback
 
     def _check_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
+        """Shape-checked queries, whitened when the index is (into the space of its stored vectors)."""
         queries = np.asarray(query_embeddings)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"query embeddings must have shape (Q, {self.dim}) for this index, got {queries.shape}")
+        if queries.ndim != 2 or queries.shape[1] != self.query_dim:
+            raise ValueError(
+                f"query embeddings must have shape (Q, {self.query_dim}) for this index, got {queries.shape}"
+            )
+        if self.whitening is not None:
+            queries = self.whitening.apply(queries)
         return queries
 
     def _results(self, per_query: list[tuple[np.ndarray, np.ndarray]], granularity: str | None) -> list[SearchResults]:
@@ -427,7 +504,7 @@ class IndexDirectory(Closeable):
         """A JSON-serialisable description for ``retrieval index info``: manifest fields, FAISS state, ids, files."""
         files = {
             name: (self.path / name).stat().st_size
-            for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE, SKIPPED_FILE)
+            for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE, SKIPPED_FILE, WHITENING_FILE, CALIBRATION_PLOT_FILE)
             if (self.path / name).is_file()
         }
         return {

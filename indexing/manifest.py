@@ -18,10 +18,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from indexing.calibration import Calibration
 from indexing.errors import IndexFormatError
+from indexing.whitening import WHITENING_FILE
 from retrieval.atomic import write_file_atomically
 from retrieval.config import StrictModel
 
-__all__ = ["INDEX_FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "HistoryEntry", "Manifest"]
+__all__ = ["INDEX_FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "HistoryEntry", "Manifest", "WhiteningInfo"]
 
 #: Version written by this code. Bump it when the directory layout or a file's meaning changes.
 INDEX_FORMAT_VERSION = 1
@@ -59,6 +60,35 @@ class HistoryEntry:
         return asdict(self)
 
 
+class WhiteningInfo(StrictModel):
+    """The manifest's record of the whitening applied to every stored vector (and to every query).
+
+    Attributes:
+        method: the whitening method (``indexing.whitening.WHITENING_METHODS``: "pca", "learned").
+        dim_in: dimension of the encoder's vectors: what queries arrive with.
+        dim_out: dimension after whitening: the manifest's ``dim``, what the index stores.
+        file: the whitening file in the index directory (always ``whitening.safetensors``; a fixed name, so a
+            manifest cannot point outside its directory).
+        sha256: SHA-256 of that file, checked before it is read.
+        fitted_on: what it was fitted on (the gallery, or the ``--whiten-images`` file).
+        count: vectors it was fitted on.
+    """
+
+    method: str = Field(min_length=1)
+    dim_in: int = Field(gt=0)
+    dim_out: int = Field(gt=0)
+    file: Literal["whitening.safetensors"] = WHITENING_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    fitted_on: str = ""
+    count: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _reduces(self) -> WhiteningInfo:
+        if self.dim_out > self.dim_in:
+            raise ValueError(f"whitening dim_out {self.dim_out} exceeds dim_in {self.dim_in}")
+        return self
+
+
 class Manifest(StrictModel):
     """Contents of ``manifest.json`` in an index directory.
 
@@ -93,8 +123,11 @@ class Manifest(StrictModel):
 
         history: the writes that made the index (``HistoryEntry.to_dict()``: build, merge, add), oldest
             first; empty in manifests written before it was recorded.
+        whitening: the whitening every stored vector went through and every query goes through
+            (``WhiteningInfo``), or ``None`` when the index stores the encoder's vectors as they are. With it,
+            ``dim`` is the whitened dimension and ``query_dim`` the encoder's.
 
-    The last six fields are optional, so older manifests still load with the same format version.
+    The last seven fields are optional, so older manifests still load with the same format version.
     """
 
     format_version: int = INDEX_FORMAT_VERSION
@@ -115,6 +148,12 @@ class Manifest(StrictModel):
     index_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     metadata_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     history: list[dict[str, Any]] = Field(default_factory=list)
+    whitening: WhiteningInfo | None = None
+
+    @property
+    def query_dim(self) -> int:
+        """Dimension of the query vectors the index takes: the encoder's (``dim`` unless it whitens)."""
+        return self.whitening.dim_in if self.whitening is not None else self.dim
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +163,12 @@ class Manifest(StrictModel):
             if isinstance(levels, list) and all(isinstance(e, dict) and "level" in e for e in levels):
                 data = {**data, "thresholds": {e["level"]: e.get("threshold") for e in levels}}
         return data
+
+    @model_validator(mode="after")
+    def _whitening_fits(self) -> Manifest:
+        if self.whitening is not None and self.whitening.dim_out != self.dim:
+            raise ValueError(f"whitening dim_out {self.whitening.dim_out} differs from the index dim {self.dim}")
+        return self
 
     @model_validator(mode="after")
     def _calibration_agrees(self) -> Manifest:
@@ -146,7 +191,9 @@ class Manifest(StrictModel):
         A reader (or a crash) therefore sees either the previous manifest or the new one, never a torn file;
         this is what lets ``retrieval index calibrate`` update a live index directory in place.
         """
-        write_file_atomically(path, self.model_dump_json(indent=2) + "\n")
+        # Without a whitening the field is left out, so releases from before whitening still read the file.
+        exclude = {"whitening"} if self.whitening is None else None
+        write_file_atomically(path, self.model_dump_json(indent=2, exclude=exclude) + "\n")
 
     @classmethod
     def read(cls, path: str | Path) -> Manifest:

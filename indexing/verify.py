@@ -2,9 +2,10 @@
 
 Opening an index checks its checksums, or, for manifests written before checksums existed, a sample of its
 vectors. Verifying reads everything once: every vector is reconstructed and checked (finite, unit length
-where stored exactly), the HNSW graph's links, the ids of index and metadata against each other, and
-SQLite's own consistency check. An index that passes and has no checksums gets them recorded, so every
-later open is as strict as for a freshly built index.
+where stored exactly), the HNSW graph's links, the ids of index and metadata against each other,
+SQLite's own consistency check, and the whitening file where the index has one (its checksum and content,
+and that it maps encoder vectors to unit vectors of the index's dimension). An index that passes and has
+no checksums gets them recorded, so every later open is as strict as for a freshly built index.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from indexing.errors import IndexFormatError
-from indexing.index_dir import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, file_sha256, open_index_dir
+from indexing.index_dir import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    WHITENING_FILE,
+    IndexDirectory,
+    file_sha256,
+    open_index_dir,
+)
 from indexing.integrity import check_graph, check_vectors
 
 __all__ = ["VerifyReport", "verify_index_dir"]
@@ -35,12 +44,14 @@ class VerifyReport:
         vectors_checked: vectors reconstructed and checked (all of them).
         checksums: "verified" (the manifest had them and they match) or "recorded" (added to the manifest now),
             or "missing" when recording was not asked for.
+        whitening: "verified" when the index has a whitening file and it passed, ``None`` when it has none.
     """
 
     path: str
     count: int
     vectors_checked: int
     checksums: str
+    whitening: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +90,7 @@ def verify_index_dir(path: str | Path, *, record: bool = True) -> VerifyReport:
             raise IndexFormatError(
                 f"index directory {path}: the ids in {INDEX_FILE} and the rows of {METADATA_FILE} differ"
             )
+        whitening = _check_whitening(directory)
     state = "verified"
     if needs_record:
         state = "missing"
@@ -86,4 +98,24 @@ def verify_index_dir(path: str | Path, *, record: bool = True) -> VerifyReport:
             manifest.model_copy(update=digests).write(path / MANIFEST_FILE)
             logger.info("recorded checksums in %s", path / MANIFEST_FILE)
             state = "recorded"
-    return VerifyReport(str(path), manifest.count, checked, state)
+    return VerifyReport(str(path), manifest.count, checked, state, whitening)
+
+
+def _check_whitening(directory: IndexDirectory) -> str | None:
+    """Whiten a few encoder-space probes: finite unit vectors of the index's dimension, or the file is wrong.
+
+    Opening already verified the file's checksum, arrays and dimensions against the manifest; this catches a
+    projection that a checksum cannot (one written wrong in the first place: all zeros, say).
+    """
+    whitening = directory.whitening
+    if whitening is None:
+        return None
+    probes = np.random.default_rng(0).normal(size=(16, whitening.dim_in)).astype(np.float32)
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    try:
+        whitened = whitening.apply(probes)
+    except ValueError as exc:
+        raise IndexFormatError(f"index directory {directory.path}: {WHITENING_FILE} is unusable ({exc})") from None
+    if whitened.shape != (16, directory.dim) or not np.isfinite(whitened).all():
+        raise IndexFormatError(f"index directory {directory.path}: {WHITENING_FILE} does not map to the index's space")
+    return "verified"

@@ -6,7 +6,11 @@ built: the query encoder must be the encoder that built the index, or a student 
 into that encoder's space (its ``teacher_id``), and must produce vectors of the index's size.
 Vectors embedded elsewhere (an on-device model) are checked the same way, per request, by
 ``check_query_vectors``: they must name an accepted encoder id and be finite, L2-normalised
-rows of the index's dimension.
+rows of the encoder's dimension.
+
+Every query vector, from any runtime or from a client, stays in the encoder's space here: an index built
+with a whitening whitens its queries itself (``IndexDirectory.search``), so ``dim`` is the encoder's
+dimension (``query_dim``) and may differ from the whitened vectors the index stores (``index_dim``).
 
 Errors raised for a request (``granularity_threshold``, ``check_query_vectors``) name no server
 path, so the HTTP API can return their messages as they are.
@@ -79,7 +83,7 @@ class SearchEngine(Closeable):
     Args:
         index_dir: an opened index directory (``indexing.open_index_dir``).
         query_encoder: a runtime from ``serving.runtimes``; its ``encoder_id`` or ``teacher_id`` must
-            equal the index manifest's ``encoder_id``, and its ``dim`` the index's.
+            equal the index manifest's ``encoder_id``, and its ``dim`` the index's ``query_dim``.
 
     Raises:
         EncoderMismatchError: the query encoder does not embed into the index's space.
@@ -133,6 +137,12 @@ class SearchEngine(Closeable):
 
     @property
     def dim(self) -> int:
+        """Dimension of query vectors: the encoder's (what ``search_embeddings`` and clients' vectors have)."""
+        return self.index_dir.query_dim
+
+    @property
+    def index_dim(self) -> int:
+        """Dimension of the vectors the index stores: ``dim``, or the whitened dimension of a whitened index."""
         return self.index_dir.dim
 
     @property
@@ -206,7 +216,9 @@ class SearchEngine(Closeable):
             array = array[None, :]
         if array.ndim != 2 or array.shape[1] != self.dim:
             got = array.shape[-1] if array.ndim else 0
-            raise QueryVectorError(f"the embedding has {got} dimensions; this index holds {self.dim}-d vectors")
+            raise QueryVectorError(
+                f"the embedding has {got} dimensions; this index takes {self.dim}-d query vectors (the encoder's)"
+            )
         if not np.isfinite(array).all():
             raise QueryVectorError("the embedding contains non-finite values (NaN or infinity)")
         norms = np.linalg.norm(array, axis=1)
@@ -256,9 +268,10 @@ class SearchEngine(Closeable):
         return self.search_embeddings(self.embed(images), k, granularity)
 
     def search_embeddings(self, vectors: np.ndarray, k: int, granularity: str | None = None) -> list[SearchResults]:
-        """Like ``search`` for query vectors already in the index's space (``(Q, dim)`` float32, L2-normalised).
+        """Like ``search`` for query vectors already embedded (``(Q, dim)`` float32, L2-normalised).
 
-        Vectors from outside the server should pass ``check_query_vectors`` first.
+        The vectors are in the encoder's space, as any query encoder gives them; a whitened index whitens
+        them itself. Vectors from outside the server should pass ``check_query_vectors`` first.
 
         Raises:
             ValueError: a non-positive ``k`` or vectors of the wrong shape.
@@ -291,7 +304,7 @@ class SearchEngine(Closeable):
     def search_embeddings_above(
         self, vectors: np.ndarray, min_score: float, limit: int | None = None
     ) -> tuple[list[SearchResults], bool]:
-        """Like ``search_above`` for query vectors already in the index's space."""
+        """Like ``search_above`` for query vectors already embedded (encoder space, as for ``search_embeddings``)."""
         _check_min_score(min_score)
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(vectors) == 0:
@@ -307,9 +320,14 @@ class SearchEngine(Closeable):
     def describe(self) -> dict[str, Any]:
         """What is served, without any server path: sizes, encoder ids and granularity thresholds."""
         manifest = self.index_dir.manifest
+        whitening = manifest.whitening
         return {
             "count": self.count,
             "dim": self.dim,
+            "index_dim": self.index_dim,
+            "whitening": whitening.model_dump(include={"method", "dim_in", "dim_out", "fitted_on", "count"})
+            if whitening is not None
+            else None,
             "encoder_id": self.encoder_id,
             "query_encoder_id": self.query_encoder.encoder_id,
             "query_encoder_teacher_id": self.query_encoder.teacher_id,
@@ -343,7 +361,7 @@ def check_compatible(index_dir: IndexDirectory, query_encoder: QueryEncoder) -> 
 
     Raises:
         EncoderMismatchError: neither the encoder id nor the teacher id is the index's encoder id, or
-            the dimensions differ.
+            the encoder's dimension is not the index's ``query_dim`` (its encoder's, before any whitening).
     """
     manifest = index_dir.manifest
     accepted = {query_encoder.encoder_id, query_encoder.teacher_id} - {None}
@@ -354,10 +372,10 @@ def check_compatible(index_dir: IndexDirectory, query_encoder: QueryEncoder) -> 
             f"built by encoder {manifest.encoder_id}: use that encoder, a student distilled from it, or rebuild "
             "the index with this encoder"
         )
-    if query_encoder.dim != manifest.dim:
+    if query_encoder.dim != manifest.query_dim:
         raise EncoderMismatchError(
             f"query encoder {query_encoder.encoder_id} produces {query_encoder.dim}-d embeddings but index "
-            f"{index_dir.path} holds {manifest.dim}-d vectors"
+            f"{index_dir.path} expects {manifest.query_dim}-d vectors from its encoder"
         )
 
 

@@ -60,8 +60,19 @@ def verify(
         print_json(report.to_dict())
         return
     note = {"verified": "checksums verified", "recorded": "checksums recorded in manifest.json"}[report.checksums]
+    note += ", whitening verified" if report.whitening else ""
     console.print(
         f"{index}: ok, {report.count:,} items, {report.vectors_checked:,} vectors checked, {note}", highlight=False
+    )
+
+
+def _whitening_line(details: dict[str, Any]) -> str:
+    whitening = details.get("whitening")
+    if not whitening:
+        return "none (the encoder's vectors as they are)"
+    return (
+        f"{whitening['method']}: {whitening['dim_in']} -> {whitening['dim_out']} dims, queries whitened the same "
+        f"way; fitted on {whitening['fitted_on']} ({whitening['count']:,} vectors)"
     )
 
 
@@ -74,6 +85,7 @@ def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
         ("items", f"{details['count']:,} indexed, {details['skipped']:,} skipped as unreadable"),
         ("ids", f"{ids[0]} .. {ids[1]}" if ids else "none"),
         ("vectors", f"{details['dim']}-d, {details['metric'].replace('_', ' ')} on L2-normalised vectors"),
+        ("whitening", _whitening_line(details)),
         ("factory", f"{details['factory']}" + (f" ({details['factory_reason']})" if details["factory_reason"] else "")),
         ("search", _search_line(details, faiss)),
         ("encoder", f"{details['encoder_id']}" + (f" ({details['encoder_path']})" if details["encoder_path"] else "")),

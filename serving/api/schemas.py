@@ -20,6 +20,7 @@ __all__ = [
     "IndexDescription",
     "Readiness",
     "SearchResponse",
+    "WhiteningDescription",
     "thumbnail_url",
 ]
 
@@ -87,7 +88,8 @@ class EmbeddingSearchRequest(BaseModel):
     embedding: list[float] = Field(
         min_length=1,
         max_length=MAX_EMBEDDING_DIM,
-        description="the query vector: the index's dimension, finite, L2-normalised (norm 1 within 0.01)",
+        description="the query vector as the encoder outputs it: the encoder's dimension (GET /v1/index 'dim'; a "
+        "whitened index whitens it on the server), finite, L2-normalised (norm 1 within 0.01)",
     )
     encoder_id: str = Field(
         min_length=1,
@@ -124,11 +126,25 @@ class Readiness(BaseModel):
     query_encoder_id: str = Field(description="id of the served query encoder")
 
 
+class WhiteningDescription(BaseModel):
+    """The whitening a whitened index applies to its gallery vectors and to every query, on the server."""
+
+    method: str = Field(description="'pca' (centring + PCA whitening) or 'learned' (from matching pairs)")
+    dim_in: int = Field(description="dimension of the encoder's vectors, which queries are sent in")
+    dim_out: int = Field(description="dimension of the whitened vectors the index stores")
+    fitted_on: str = Field(description="what it was fitted on (the gallery, or a separate image set)")
+    count: int = Field(description="vectors it was fitted on")
+
+
 class IndexDescription(BaseModel):
     """What this server searches."""
 
     count: int = Field(description="items in the index")
-    dim: int = Field(description="embedding dimension")
+    dim: int = Field(description="dimension of query embeddings: the encoder's (what POST /v1/search/embedding takes)")
+    index_dim: int = Field(description="dimension of the stored vectors: dim, or the whitened dimension")
+    whitening: WhiteningDescription | None = Field(
+        description="the whitening applied to gallery and queries, or null when the index stores raw embeddings"
+    )
     encoder_id: str = Field(description="id of the encoder that embedded the gallery")
     query_encoder_id: str = Field(description="id of the encoder that embeds uploaded query images")
     query_encoder_teacher_id: str | None = Field(
