@@ -1,9 +1,15 @@
-"""The quickstart pipeline: synthetic gallery -> train -> index -> evaluate -> distil -> export -> search.
+"""The quickstart pipeline: synthetic gallery -> train -> index -> calibrate -> evaluate -> distil -> export -> search.
 
-The gallery encoder (teacher) is trained, indexes the test gallery and is scored on it; then a small student
-query encoder is distilled into the teacher's space (Asymmetric Metric Learning), scored on the same gallery
-with its queries searching the teacher's vectors, exported to ONNX, timed against the teacher's ONNX export,
-and used for the sample searches: the asymmetric query path end to end.
+The gallery encoder (teacher) is trained, indexes the test gallery, calibrates the index's granularity
+thresholds on the labelled validation split (so the served index answers ``granularity`` searches) and is
+scored on the gallery; then a small student query encoder is distilled into the teacher's space (Asymmetric
+Metric Learning), scored on the same gallery with its queries searching the teacher's vectors, exported to
+ONNX, timed against the teacher's ONNX export, and used for the sample searches: the asymmetric query path
+end to end.
+
+The work is budgeted in steps, not minutes: by default both trainings run their recipe's full step count
+whatever the machine's speed, so the quickstart reaches the same quality on a slow or busy machine, only
+later. ``minutes``/``student_minutes`` are optional caps; a run they cut short says so in its result.
 
 Kept apart from the typer command so that tests (and notebooks) can run it as a function
 and inspect its result. It sits in the CLI layer because it is the one place that joins
@@ -28,15 +34,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class QuickstartOptions:
-    """What the quickstart runs; every field has a default that works on a 2-core laptop."""
+    """What the quickstart runs; every field has a default that works on a 2-core laptop.
+
+    ``minutes`` and ``student_minutes`` cap the two trainings' wall time (``schedule.max_minutes``); ``None``
+    (the default) lifts the recipes' own caps, so the full step count is trained on any machine.
+    """
 
     work_dir: Path = Path("quickstart-run")
-    minutes: float = 5.0
+    minutes: float | None = None
     seed: int = 0
     recipe: str = "quickstart"
     overrides: Sequence[str] = ()
     student_recipe: str = "aml-synthetic-cpu"
-    student_minutes: float = 1.5
+    student_minutes: float | None = None
     student_overrides: Sequence[str] = ()
     distill: bool = True
     num_queries: int = 4
@@ -56,6 +66,7 @@ class QuickstartResult:
     paths: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
     student: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +74,7 @@ class QuickstartResult:
             "chance": self.chance,
             "training": self.training,
             "student": self.student,
+            "calibration": self.calibration,
             "samples": self.samples,
             "paths": self.paths,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
@@ -84,19 +96,19 @@ def run_quickstart(options: QuickstartOptions, announce: Step = lambda message: 
         f"out_dir={work / 'train'}",
         f"seed={options.seed}",
         f"data.synthetic.seed={options.seed}",
-        f"schedule.max_minutes={options.minutes}",
+        _minutes_cap(options.minutes),
         f"device={options.device}",
         *options.overrides,
     ]
     config = load_config(TrainConfig, find_recipe(options.recipe), overrides)
     timings: dict[str, float] = {}
 
-    steps = 8 if options.distill else 6
-    announce(f"1/{steps} generating the synthetic hierarchical gallery")
+    steps = 9 if options.distill else 7
+    announce(f"1/{steps} generating the synthetic hierarchical gallery and its labelled validation images")
     with _timed(timings, "data"):
-        test_csv = _write_dataset(config, work / "data")
+        test_csv, val_csv = _write_dataset(config, work / "data")
 
-    announce(f"2/{steps} training the gallery encoder ({config.model.backbone}) for at most {options.minutes:g} min")
+    announce(f"2/{steps} training the gallery encoder ({config.model.backbone}) for {_budget(config)}")
     with _timed(timings, "train"):
         training = _train(config, options.progress)
     encoder_path = Path(training["encoder_path"])
@@ -105,21 +117,25 @@ def run_quickstart(options: QuickstartOptions, announce: Step = lambda message: 
     with _timed(timings, "index"):
         index_path, gallery = _index(encoder_path, test_csv, work / "index", options)
 
-    announce(f"4/{steps} evaluating per level (each test image queries all the others)")
+    announce(f"4/{steps} calibrating the index's granularity thresholds on the labelled validation images")
+    with _timed(timings, "calibrate"):
+        calibration = _calibrate(index_path, val_csv, options)
+
+    announce(f"5/{steps} evaluating per level (each test image queries all the others)")
     with _timed(timings, "evaluate"):
         metrics, chance, gallery_vectors = _evaluate(index_path, gallery, options.seed)
 
-    announce(f"5/{steps} exporting the gallery encoder to ONNX")
+    announce(f"6/{steps} exporting the gallery encoder to ONNX")
     with _timed(timings, "export"):
         onnx_path, cosine = _export(encoder_path, work / "query_encoder.onnx")
     query_encoder = onnx_path
 
     student: dict[str, Any] | None = None
     if options.distill:
-        announce(f"6/{steps} distilling a small query encoder into the gallery encoder's space (AML)")
+        announce(f"7/{steps} distilling a small query encoder into the gallery encoder's space (AML)")
         with _timed(timings, "distill"):
             student = _distill(encoder_path, config.data, work / "student", options)
-        announce(f"7/{steps} scoring the student's queries against the teacher's index, exporting and timing it")
+        announce(f"8/{steps} scoring the student's queries against the teacher's index, exporting and timing it")
         with _timed(timings, "student"):
             student_path = Path(student["encoder_path"])
             student["evaluation"] = _evaluate_student(student_path, gallery, gallery_vectors, options)
@@ -140,9 +156,28 @@ def run_quickstart(options: QuickstartOptions, announce: Step = lambda message: 
         "query_encoder": str(query_encoder),
         "contact_sheet": str(work / "contact_sheet.png"),
         "test_csv": str(test_csv),
+        "val_csv": str(val_csv),
+        **({"calibration_plot": calibration["plot"]} if calibration.get("plot") else {}),
     }
     training["onnx_min_cosine"] = cosine
-    return QuickstartResult(metrics, chance, training, samples, paths, timings, student)
+    return QuickstartResult(metrics, chance, training, samples, paths, timings, student, calibration)
+
+
+def _minutes_cap(minutes: float | None) -> str:
+    """The ``schedule.max_minutes`` override: the cap when one is given, else none at all (``null`` lifts the
+    recipe's own cap, so the full step count is trained however slow the machine)."""
+    return f"schedule.max_minutes={'null' if minutes is None else minutes}"
+
+
+def _budget(config: Any) -> str:
+    steps = f"{config.schedule.max_steps} steps"
+    cap = config.schedule.max_minutes
+    return steps if cap is None else f"{steps} (at most {cap:g} min)"
+
+
+def _partial(result: dict[str, Any], config: Any) -> dict[str, Any]:
+    """``result`` with the planned step count, so a run its minute cap cut short can say "n of N steps"."""
+    return {**result, "max_steps": config.schedule.max_steps, "max_minutes": config.schedule.max_minutes}
 
 
 class _timed:
@@ -156,18 +191,39 @@ class _timed:
         self.timings[self.name] = time.perf_counter() - self.start
 
 
-def _write_dataset(config: Any, out: Path) -> Path:
-    """Write the test split as files (the gallery); the trainer renders train and val in memory."""
+def _write_dataset(config: Any, out: Path) -> tuple[Path, Path]:
+    """Write the test split (the gallery) and the val split (labelled images that calibrate the index's
+    thresholds) as files; the trainer renders train and val in memory."""
     from retrieval.data.synthetic import write_synthetic
 
-    written = write_synthetic(config.data.synthetic, out, overwrite=True, splits=["test"])
-    return Path(written["test"])
+    written = write_synthetic(config.data.synthetic, out, overwrite=True, splits=["test", "val"])
+    return Path(written["test"]), Path(written["val"])
 
 
 def _train(config: Any, progress: bool) -> dict[str, Any]:
     from training.trainer import train
 
-    return train(config, resume=False, progress=progress).to_dict()
+    return _partial(train(config, resume=False, progress=progress).to_dict(), config)
+
+
+def _calibrate(index_path: Path, val_csv: Path, options: QuickstartOptions) -> dict[str, Any]:
+    """Calibrate the index's per-level thresholds on the validation images (fresh instances of the training
+    classes, the index encoder on both sides) and store them in its manifest, so that the served index
+    answers ``granularity`` searches and tags every hit with its level."""
+    from indexing.calibrate_index import calibrate_index
+
+    result = calibrate_index(index_path, val_csv, device=options.device, progress=options.progress)
+    calibration = result.calibration
+    warnings = getattr(result, "warnings", None) or getattr(calibration, "warnings", None) or ()
+    plot = getattr(result, "plot", None)  # calibration.png, where calibrate_index writes one
+    return {
+        "images": result.images,
+        "objective": calibration.objective,
+        "thresholds": calibration.thresholds,
+        "levels": [entry.to_dict() for entry in calibration.levels],
+        "warnings": [getattr(warning, "message", str(warning)) for warning in warnings],
+        "plot": str(plot) if isinstance(plot, str | Path) else None,
+    }
 
 
 def _index(encoder_path: Path, test_csv: Path, out: Path, options: QuickstartOptions) -> tuple[Path, Any]:
@@ -208,13 +264,13 @@ def _distill(teacher_path: Path, data: Any, out: Path, options: QuickstartOption
         f"distill.teacher={teacher_path}",
         f"seed={options.seed + 1}",  # not the teacher's: a student of its architecture would start from its weights
         f"data.synthetic.seed={options.seed}",
-        f"schedule.max_minutes={options.student_minutes}",
+        _minutes_cap(options.student_minutes),
         f"device={options.device}",
         *options.student_overrides,
     ]
     config = load_config(DistillConfig, find_recipe(options.student_recipe), overrides)
     config = config.model_copy(update={"data": data})
-    return train(config, resume=False, progress=options.progress).to_dict()
+    return _partial(train(config, resume=False, progress=options.progress).to_dict(), config)
 
 
 def _evaluate_student(
@@ -287,6 +343,7 @@ def _sample_searches(
     images = [gallery.load_image(i) for i in picks]
     with SearchEngine.open(index_path, onnx_path) as engine:
         raw = engine.search(images, k=options.top_k + 1)
+        calibrated = list(engine.thresholds)
     results = [r.without_ids({i}).top(options.top_k) for r, i in zip(raw, picks, strict=True)]
     samples = [
         {"query": gallery.names[i], "labels": gallery.label_names(i), **r.to_dict()}
@@ -296,7 +353,7 @@ def _sample_searches(
     def resolve(hit: Any) -> Any:
         return gallery.load_image(int(hit.id))
 
-    render_contact_sheet(
-        [(img, gallery.label_names(i)) for img, i in zip(images, picks, strict=True)], results, resolve, sheet_path
-    )
+    queries = [(img, gallery.label_names(i)) for img, i in zip(images, picks, strict=True)]
+    names = ["/".join(Path(gallery.names[i]).parts[-2:]) for i in picks]  # <class>/<file>; the full path is printed
+    render_contact_sheet(queries, results, resolve, sheet_path, calibrated_levels=calibrated, query_names=names)
     return samples
