@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "load_encoder",
+    "load_weights_into",
     "read_checkpoint_info",
     "save_encoder",
     "verify_weights",
@@ -165,6 +166,33 @@ def _is_hex(value: object, length: int) -> bool:
 def _one_line(exc: BaseException) -> str:
     """An exception's message on one line (pydantic's validation errors span several)."""
     return " ".join(str(exc).split())
+
+
+def load_weights_into(encoder: Encoder, path: str | Path) -> CheckpointInfo:
+    """Copy the verified weights of the checkpoint at ``path`` into ``encoder`` (every layer, strictly).
+
+    What ``retrieval train --init-from`` starts from: the encoder was built from the checkpoint's own
+    architecture (``read_checkpoint_info(path).config``), so every tensor must fit; the encoder keeps its
+    config and mode. The weights file is checked against ``weights_sha256`` first, as ``load_encoder`` does.
+
+    Raises:
+        CheckpointError: see ``read_checkpoint_info`` and ``verify_weights``; also weights that do not fit.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    info = read_checkpoint_info(path)
+    verify_weights(info)
+    weights = info.path / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read weights {weights}: {_one_line(exc)}") from exc
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {weights} do not fit the encoder being trained: {_one_line(exc)}") from exc
+    return info
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder:

@@ -19,12 +19,13 @@ from torch import nn
 from models import attention as _attention  # noqa: F401  (registers the attention modules)
 from models import glam as _glam  # noqa: F401  (registers the GLAM attention)
 from models import pooling as _pooling  # noqa: F401  (registers the pooling modules)
-from models.backbones import create_backbone
+from models.backbones import BackboneError, create_backbone
 from models.heads import ConvProjectionHead, EmbeddingHead
 from models.registries import ATTENTION, POOLING
-from retrieval.config import StrictModel
+from retrieval.config import ConfigError, StrictModel
 from retrieval.data.labels import DEFAULT_LEVELS
 from retrieval.data.transforms import PreprocessConfig
+from retrieval.registry import UnknownNameError
 
 __all__ = ["Encoder", "EncoderConfig", "eval_mode"]
 
@@ -58,15 +59,28 @@ class Encoder(nn.Module):
     Args:
         config: architecture and preprocessing.
         backbone_weights: optional local file with pretrained backbone weights.
+
+    Raises:
+        BackboneError: ``model.backbone`` / ``model.pretrained`` at fault (the message starts with the key),
+            or an unusable weights file.
+        UnknownNameError: an unknown ``model.attention`` or ``model.pooling`` (the message starts with the key).
+        ConfigError: ``model.attention_params`` / ``model.pooling_params`` the module does not accept.
     """
 
     def __init__(self, config: EncoderConfig, backbone_weights: str | Path | None = None) -> None:
         super().__init__()
         self.config = config
-        self.backbone = create_backbone(config.backbone, pretrained=config.pretrained, weights=backbone_weights)
+        try:
+            self.backbone = create_backbone(config.backbone, pretrained=config.pretrained, weights=backbone_weights)
+        except BackboneError as exc:
+            if exc.field is None:
+                raise
+            raise BackboneError(f"model.{exc.field}: {exc}", field=exc.field) from None
         channels = int(self.backbone.num_features)
-        self.attention = ATTENTION.get(config.attention)(channels, **config.attention_params)
-        self.pooling = POOLING.get(config.pooling)(**config.pooling_params)
+        with _config_key("attention"):
+            self.attention = ATTENTION.get(config.attention)(channels, **config.attention_params)
+        with _config_key("pooling"):
+            self.pooling = POOLING.get(config.pooling)(**config.pooling_params)
         self.head: nn.Module
         if config.projection == "before_pooling":
             self.head = ConvProjectionHead(channels, config.embedding_dim)
@@ -94,6 +108,20 @@ class Encoder(nn.Module):
             return self.head.normalise(pooled.float())
         pooled = self.pooling(self.feature_map(images))
         return self.head(pooled.float())
+
+
+@contextlib.contextmanager
+def _config_key(module: str) -> Iterator[None]:
+    """Name the config key when a module cannot be built: ``model.<module>`` or ``model.<module>_params``.
+
+    A recipe's mistake then reads as one line naming what to change, not as a traceback from the builder.
+    """
+    try:
+        yield
+    except UnknownNameError as exc:
+        raise UnknownNameError(f"model.{module}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.{module}_params: {exc}") from None
 
 
 @contextlib.contextmanager

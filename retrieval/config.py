@@ -123,9 +123,16 @@ def _has_defaults(model: type[BaseModel]) -> bool:
 
 
 def format_validation_error(exc: ValidationError, title: str = "invalid config:") -> str:
-    """One line per invalid field, ``  section.key: reason``, under ``title``."""
-    lines = [title]
+    """``title`` and ``section.key: reason`` on one line for a single error, else one line per invalid field.
+
+    A check that spans several fields (a model validator) names its keys in its own message, which is then
+    shown as it is, without pydantic's ``Value error,`` prefix.
+    """
+    lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(message if not where or message.startswith(where + ".") else f"{where}: {message}")
+    if len(lines) == 1:
+        return f"{title} {lines[0]}"
+    return "\n".join([title, *(f"  {line}" for line in lines)])

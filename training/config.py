@@ -72,7 +72,7 @@ class DataConfig(StrictModel):
     @model_validator(mode="after")
     def _source_needs_its_files(self) -> DataConfig:
         if self.source == "csv" and self.train_csv is None:
-            raise ValueError("data.train_csv is required when data.source is 'csv'")
+            raise ValueError("data.train_csv is required when data.source is 'csv' (retrieval train --images CSV)")
         if self.source == "dyml" and self.dyml_root is None:
             raise ValueError("data.dyml_root is required when data.source is 'dyml'")
         if self.source == "dyml" and self.levels is not None and self.levels != ["fine", "middle", "coarse"]:
@@ -111,16 +111,22 @@ class SamplerConfig(StrictModel):
         classes_per_batch, images_per_class: P and K (``kind: pk``).
         siblings: draw the P fine classes in groups of this many that share a class at ``parent_level``
             (``retrieval.data.sampler.HierarchicalPKSampler``); 1 draws them independently. Siblings in a
-            batch are the hard negatives that teach the finer levels apart. ``kind: pk`` only.
-        parent_level: the label level whose classes group the siblings (``middle`` by default).
+            batch are the hard negatives that teach the finer levels apart. ``kind: pk`` only. With one
+            label level there is no parent, and siblings are turned off (``training.fit_to_data``).
+        parent_level: the label level whose classes group the siblings; ``null`` (the default) takes the
+            level just above the finest in the training data (``middle`` for fine/middle/coarse, ``coarse``
+            for fine/coarse). A named level must be one of the data's levels and coarser than the finest.
         batch_size: images per batch for ``kind: aspect`` (required there, refused with ``pk``).
+
+    ``classes_per_batch`` larger than the number of fine classes in the training data is lowered to that
+    number (every batch then holds all classes), with a warning; see ``training.fit_to_data``.
     """
 
     kind: Literal["pk", "aspect"] = "pk"
     classes_per_batch: int = Field(16, ge=1)
     images_per_class: int = Field(4, ge=1)
     siblings: int = Field(1, ge=1)
-    parent_level: str = "middle"
+    parent_level: str | None = None
     batch_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -154,16 +160,25 @@ class ScheduleConfig(StrictModel):
     """Step budget, warm-up and an optional wall-clock budget.
 
     Attributes:
-        max_steps: optimiser steps of the full run (the cosine schedule spans them).
+        max_steps: optimiser steps of the full run (the cosine schedule spans them): the planned steps.
         warmup_steps: linear warm-up steps at the start; ``null`` means 5% of ``max_steps``.
-        max_minutes: stop cleanly (checkpoint and final encoder saved) once one ``fit`` call has run this
-            long; the schedule is not shortened, so pick ``max_steps`` that fits the budget.
+        max_minutes: a wall-clock budget for one ``fit`` call (training, periodic evaluations and checkpoints;
+            the final evaluation and save come after it). With ``fit_to_budget`` the run measures its speed over
+            its first steps and shortens the schedule to the steps that fit (``training.budget``); whatever
+            happens, it stops cleanly (checkpoint and final encoder saved) once the budget is spent, and says
+            so: ``partial: true`` in the result when the schedule did not finish.
+        fit_to_budget: shorten the schedule to the budget (the cosine ends at the last step that fits, the
+            warm-up scaled in proportion). The number of steps, and so the result, then depends on the machine's
+            speed and load; the fitted schedule is logged, written to ``metrics.jsonl`` and stored in the
+            checkpoint, so a resumed run keeps it. ``false`` keeps the planned schedule and only stops at the
+            budget, possibly with the learning rate still high.
         final_lr_ratio: learning rate at the end of the cosine, as a fraction of the peak.
     """
 
     max_steps: int = Field(1000, ge=1)
     warmup_steps: int | None = Field(None, ge=0)
     max_minutes: float | None = Field(None, gt=0)
+    fit_to_budget: bool = True
     final_lr_ratio: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -201,6 +216,12 @@ class TrainConfig(StrictModel):
         backbone_weights: a local file of pretrained backbone weights (safetensors, or a ``.pth`` state
             dict read with ``weights_only=True``) loaded when the run starts; the offline alternative to
             ``model.pretrained: true``, which downloads through timm. ``retrieval train --weights PATH``.
+            An encoder checkpoint of this engine is refused there: use ``init_from``.
+        init_from: an encoder checkpoint directory of this engine to start from, every layer included
+            (backbone, attention, pooling, head); ``retrieval train --init-from DIR``. The architecture is the
+            checkpoint's: the ``model`` section is replaced by the checkpoint's (a warning names the keys
+            that differed), its weights are verified against their recorded SHA-256, and the provenance of
+            the new encoder records the checkpoint (``init_from``). Excludes ``backbone_weights``.
         out_dir: run directory (config, metrics, checkpoints, final encoder).
     """
 
@@ -225,7 +246,16 @@ class TrainConfig(StrictModel):
     seed: int = 0
     eval_batch_size: int = Field(128, ge=1)
     backbone_weights: Path | None = None
+    init_from: Path | None = None
     out_dir: Path = Path("runs/train")
+
+    @model_validator(mode="after")
+    def _one_source_of_starting_weights(self) -> TrainConfig:
+        if self.init_from is not None and self.backbone_weights is not None:
+            raise ValueError(
+                "init_from (--init-from) and backbone_weights (--weights) both give starting weights; pass one"
+            )
+        return self
 
 
 class DistillSection(StrictModel):

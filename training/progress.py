@@ -40,6 +40,12 @@ class TrainProgress:
             self._task = self._progress.add_task("train", total=self.total, completed=self.start, status="")
         return self
 
+    def set_total(self, total: int) -> None:
+        """Change the last step (a schedule fitted to a time budget), so the bar and its ETA show the real end."""
+        self.total = total
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
     def update(self, step: int, loss: float | None = None, images_per_second: float | None = None) -> None:
         if self._progress is None:
             return

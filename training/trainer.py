@@ -7,6 +7,11 @@ Everything else, the same for every objective, lives here.
 ``sampler.kind: aspect`` swaps the P x K batches for aspect-ratio groups resized jointly to one non-square
 size per batch (``training.batches``); the rest of the loop is the same.
 
+Before anything is built, the config is fitted to the run: an ``init_from`` checkpoint's architecture replaces
+the ``model`` section (``training.starting_weights``), and the per-level loss and sampler settings follow the
+training data's label levels (``training.fit_to_data``). With ``schedule.max_minutes`` the learning-rate
+schedule is fitted to the budget once the step time is measured (``training.budget``).
+
 ``Trainer(config, train_dataset, val_dataset).fit()`` runs (or continues) a run in ``out_dir``::
 
     out_dir/
@@ -17,7 +22,7 @@ size per batch (``training.batches``); the rest of the loop is the same.
 
 Resuming is bit-exact on CPU: N steps straight and N/2 + resume + N/2 give identical weights, because
 the batch stream is a pure function of the step (``training.batches``) and every stateful piece
-(optimiser, schedule, loss proxies, grad scaler, RNGs) is checkpointed.
+(optimiser, schedule, loss proxies, grad scaler, RNGs, a schedule fitted to a time budget) is checkpointed.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from retrieval.data.sampler import AspectRatioBatchSampler, HierarchicalPKSample
 from retrieval.data.transforms import build_transforms
 from retrieval.evaluation.report import EvaluationReport
 from training.batches import AspectTrainTransform, JointlyResizedSamples, SeededSamples, WithIndex, step_batches
+from training.budget import BudgetFit, StepTimer, fit_schedule
 from training.checkpoints import (
     TRAIN_STATE_FILE,
     capture_rng_state,
@@ -58,17 +64,30 @@ from training.checkpoints import (
 )
 from training.config import TrainConfig
 from training.embedding import embed_dataset
+from training.fit_to_data import fit_to_data
 from training.metrics_log import MetricsLog
 from training.objectives.base import Batch, TrainingObjective, create_objective
 from training.optim import adamw, build_scheduler
 from training.progress import TrainProgress
+from training.starting_weights import adopt_checkpoint_architecture, init_provenance
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
 logger = logging.getLogger(__name__)
 
 # Sections whose change between a checkpoint and a resumed run changes what is trained.
-_RESUME_SENSITIVE = ("objective", "data", "model", "augment", "loss", "sampler", "optim", "seed", "distill")
+_RESUME_SENSITIVE = (
+    "objective",
+    "data",
+    "model",
+    "augment",
+    "loss",
+    "sampler",
+    "optim",
+    "seed",
+    "distill",
+    "init_from",
+)
 
 
 @dataclass(frozen=True)
@@ -80,11 +99,15 @@ class TrainResult:
         steps_this_run: optimiser steps taken by this call.
         seconds: wall-clock duration of this call (training, evaluation and saving).
         images_per_second: training throughput of this call (data loading + step; no eval or saving).
-        stopped: ``"completed"`` (``max_steps`` reached), ``"time_budget"`` or ``"stop_at_step"``.
+        stopped: ``"completed"`` (the schedule's last step reached), ``"time_budget"`` or ``"stop_at_step"``.
         final_loss: mean loss over the last logging window (``None`` when no step ran).
         val_report: evaluation on the validation set at the end (``None`` without one).
         encoder_path: the saved final encoder checkpoint.
         encoder_id: its content id.
+        planned_steps: the recipe's ``schedule.max_steps``.
+        schedule_steps: the steps the learning-rate schedule spans: ``planned_steps``, or fewer when it was
+            fitted to a time budget (``budget``).
+        budget: the fitted schedule (``training.budget.BudgetFit``), ``None`` when none was fitted.
     """
 
     steps: int
@@ -96,6 +119,14 @@ class TrainResult:
     val_report: EvaluationReport | None
     encoder_path: Path
     encoder_id: str
+    planned_steps: int = 0
+    schedule_steps: int = 0
+    budget: BudgetFit | None = None
+
+    @property
+    def partial(self) -> bool:
+        """Whether the run stopped before its schedule's last step: its metrics are those of a partial run."""
+        return self.steps < self.schedule_steps
 
     @property
     def val_metrics(self) -> dict[str, float] | None:
@@ -110,6 +141,10 @@ class TrainResult:
             "seconds": round(self.seconds, 2),
             "images_per_second": round(self.images_per_second, 1),
             "stopped": self.stopped,
+            "planned_steps": self.planned_steps,
+            "schedule_steps": self.schedule_steps,
+            "partial": self.partial,
+            "budget": None if self.budget is None else self.budget.to_dict(),
             "final_loss": self.final_loss,
             "val": None if self.val_report is None else self.val_report.to_dict(),
             "encoder_path": str(self.encoder_path),
@@ -150,6 +185,8 @@ class Trainer:
     ) -> None:
         _check_datasets(train_dataset, val_dataset)
         out_dir = Path(out_dir) if out_dir is not None else config.out_dir
+        config, self.init_info = adopt_checkpoint_architecture(config)
+        config = fit_to_data(config, train_dataset)
         model_cfg = config.model.model_copy(update={"levels": list(train_dataset.schema.levels)})
         self.config = config.model_copy(update={"model": model_cfg, "out_dir": out_dir})
         self.out_dir = out_dir
@@ -173,7 +210,7 @@ class Trainer:
         self.optimizer = adamw(self.objective.param_groups(config.optim), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.sampler = _build_sampler(config, train_dataset)
+        self.sampler = _build_sampler(self.config, train_dataset)
         preprocess = self.encoder.config.preprocess  # the trained encoder's own input size (a student's differs)
         if isinstance(self.sampler, AspectRatioBatchSampler):  # the size is chosen per batch
             self.train_transform = AspectTrainTransform(preprocess, config.augment)
@@ -181,6 +218,7 @@ class Trainer:
             self.train_transform = build_transforms(preprocess, train=True, augment=config.augment)
         self.step = 0
         self.images_seen = 0
+        self.budget_fit: BudgetFit | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -194,7 +232,8 @@ class Trainer:
     # ------------------------------------------------------------------ public API
 
     def fit(self, resume: bool = True, *, stop_at_step: int | None = None) -> TrainResult:
-        """Train until ``schedule.max_steps`` (or the time budget), then save and evaluate.
+        """Train to the schedule's last step (``schedule.max_steps``, or fewer once fitted to a time budget), or
+        until the budget is spent; then save and evaluate.
 
         Args:
             resume: continue from ``out_dir/checkpoints/last`` when it exists; ``False`` starts over
@@ -214,11 +253,9 @@ class Trainer:
         elif self.checkpoint_dir.exists():
             logger.warning("starting over; the checkpoint in %s will be replaced", self.checkpoint_dir)
         log = MetricsLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if resumed else None)
-        max_steps = self.config.schedule.max_steps
-        target = max_steps if stop_at_step is None else max(self.step, min(stop_at_step, max_steps))
         with _deterministic(self.config.deterministic):
-            run = self._train_until(target, log, started)
-            if run["stopped"] == "completed" and target < max_steps:
+            run = self._train_until(stop_at_step, log, started)
+            if run["stopped"] == "completed" and self.step < self.schedule_steps:
                 run["stopped"] = "stop_at_step"
             self._save_checkpoint()
             report = self.evaluate()
@@ -239,7 +276,27 @@ class Trainer:
             val_report=report,
             encoder_path=encoder_path,
             encoder_id=encoder_id,
+            planned_steps=self.config.schedule.max_steps,
+            schedule_steps=self.schedule_steps,
+            budget=self.budget_fit,
         )
+
+    @property
+    def loader_workers(self) -> int:
+        """``data.num_workers``, at most the CPUs this process may use: more decoders than cores only contend.
+
+        The batches do not depend on the worker count (``training.batches``), so the cap changes speed only.
+        """
+        try:
+            available = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            available = os.cpu_count() or 1
+        return min(self.config.data.num_workers, available)
+
+    @property
+    def schedule_steps(self) -> int:
+        """The steps the learning-rate schedule spans: ``schedule.max_steps``, or fewer once fitted to a budget."""
+        return self.budget_fit.steps if self.budget_fit is not None else self.config.schedule.max_steps
 
     def embed(self, dataset: LabelledImageDataset, encoder: Encoder | None = None) -> np.ndarray:
         """Embed ``dataset`` with ``encoder`` (default: the trained one) and that encoder's evaluation transform.
@@ -251,7 +308,7 @@ class Trainer:
             dataset,
             device=self.device,
             batch_size=self.config.eval_batch_size,
-            num_workers=self.config.data.num_workers,
+            num_workers=self.loader_workers,
             autocast=self._autocast,
         )
 
@@ -263,12 +320,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _train_until(self, target: int, log: MetricsLog, started: float) -> dict[str, Any]:
+    def _train_until(self, stop_at_step: int | None, log: MetricsLog, started: float) -> dict[str, Any]:
         cfg = self.config
         budget = cfg.schedule.max_minutes * 60.0 if cfg.schedule.max_minutes else None
         run: dict[str, Any] = {"steps": 0, "images": 0, "train_seconds": 0.0, "stopped": "completed", "last_loss": None}
+        target = self._target(stop_at_step)
         if self.step >= target:
             return run
+        timer = StepTimer(budget) if budget and cfg.schedule.fit_to_budget and self.budget_fit is None else None
         window = _Window(self.device)
         batches = self._batches(self.step)
         with TrainProgress(target, self.step, enabled=self.progress) as bar:
@@ -283,6 +342,14 @@ class Trainer:
                 run["images"] += len(images)
                 run["train_seconds"] += elapsed
                 window.add(loss, grad_norm, len(images), elapsed)
+                if timer is not None:
+                    timer.record(elapsed)
+                    if timer.ready:
+                        assert budget is not None  # a timer exists only with a budget
+                        self._fit_to_budget(timer, budget, started, log)
+                        timer = None
+                        target = self._target(stop_at_step)
+                        bar.set_total(target)
                 if self.step % cfg.log_every == 0 or self.step == target:
                     run["last_loss"] = self._log_window(window, lr, log, bar)
                 else:
@@ -293,12 +360,63 @@ class Trainer:
                     self._save_checkpoint()
                 if budget is not None and time.perf_counter() - started > budget and self.step < target:
                     run["stopped"] = "time_budget"
-                    logger.warning("time budget of %.1f min reached at step %d", cfg.schedule.max_minutes, self.step)
+                    logger.warning(
+                        "time budget of %.2f min spent at step %d of %d: stopping early; this is a partial run",
+                        cfg.schedule.max_minutes,
+                        self.step,
+                        self.schedule_steps,
+                    )
                     break
         batches.close()  # shuts down DataLoader workers now rather than at garbage collection
         if window.steps:
             run["last_loss"] = self._log_window(window, self.optimizer.param_groups[0]["lr"], log, None)
         return run
+
+    def _target(self, stop_at_step: int | None) -> int:
+        """The step this ``fit`` call trains to: the schedule's end, or ``stop_at_step`` before it."""
+        end = self.schedule_steps
+        return end if stop_at_step is None else max(self.step, min(stop_at_step, end))
+
+    def _fit_to_budget(self, timer: StepTimer, budget: float, started: float, log: MetricsLog) -> None:
+        """Shorten the schedule to the steps that fit the budget (``training.budget``); logged once."""
+        cfg = self.config
+        evaluates = 0 < cfg.eval_every < cfg.schedule.max_steps  # periodic evaluations inside the run
+        eval_seconds = self._estimate_eval_seconds() if evaluates else 0.0
+        fit = fit_schedule(
+            planned_steps=cfg.schedule.max_steps,
+            warmup_steps=cfg.schedule.resolved_warmup_steps(),
+            step=self.step,
+            elapsed_seconds=time.perf_counter() - started,  # the evaluation probe's own cost included
+            budget_seconds=budget,
+            step_seconds=timer.step_seconds,
+            eval_seconds=eval_seconds,
+            eval_every=cfg.eval_every if evaluates else 0,
+        )
+        self.budget_fit = fit
+        if fit.shortened:
+            for schedule in self.scheduler.lr_lambdas:  # the WarmupCosine of every group (stored in checkpoints)
+                schedule.warmup_steps = fit.warmup_steps
+                schedule.max_steps = fit.steps
+            # the next step's learning rate already follows the fitted schedule
+            last = self.scheduler.last_epoch
+            for group, base, schedule in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * schedule(last)
+            logger.warning(fit.describe())
+        else:
+            logger.info(fit.describe())
+        log.write(self.step, event="budget", **fit.to_dict())
+
+    def _estimate_eval_seconds(self) -> float:
+        """Seconds one periodic evaluation will take: a timed embedding of a slice of the validation set, scaled."""
+        if self.val_dataset is None:
+            return 0.0
+        count = min(len(self.val_dataset), self.config.eval_batch_size)
+        tick = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed: leave the run's RNG untouched
+            self.embed(self.val_dataset.subset(np.arange(count)))
+        return (time.perf_counter() - tick) * len(self.val_dataset) / count
 
     def _batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if isinstance(self.sampler, AspectRatioBatchSampler):  # keys carry the batch's joint (height, width)
@@ -312,7 +430,7 @@ class Trainer:
         loader = DataLoader(
             samples,
             batch_sampler=keys,
-            num_workers=self.config.data.num_workers,
+            num_workers=self.loader_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.config.seed),
         )
@@ -378,6 +496,7 @@ class Trainer:
             "steps": self.step,
             "dataset": _describe_dataset(self.train_dataset, self.config),
             "train_images": len(self.train_dataset),
+            **({"init_from": init_provenance(self.init_info)} if self.init_info is not None else {}),
             **self.objective.provenance(),
             "seed": self.config.seed,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -398,6 +517,8 @@ class Trainer:
             "rng": capture_rng_state(),
             "config": self.config.model_dump_json(),
         }
+        if self.budget_fit is not None:
+            state["budget_fit"] = self.budget_fit.to_dict()
         save_training_checkpoint(self.checkpoint_dir, self.objective.checkpoint_encoders(), state)
         save_config(self.config, self.checkpoint_dir / "config.yaml")
 
@@ -411,6 +532,8 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.images_seen = int(state.get("images_seen", 0))
+        if state.get("budget_fit"):  # the schedule fitted to the budget when the run started (already in "scheduler")
+            self.budget_fit = BudgetFit.from_dict(state["budget_fit"])
 
 
 def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
@@ -477,20 +600,18 @@ def _build_sampler(config: TrainConfig, dataset: LabelledImageDataset) -> PKBatc
         return AspectRatioBatchSampler(read_image_sizes(dataset), cfg.batch_size, seed=config.seed)
     if cfg.siblings == 1:
         return PKBatchSampler(dataset.level_labels(0), cfg.classes_per_batch, cfg.images_per_class, seed=config.seed)
+    assert cfg.parent_level is not None  # resolved from the data's levels by training.fit_to_data
     try:
-        parent_level = dataset.schema.index(cfg.parent_level)
-    except ValueError as exc:
-        raise ConfigError(f"sampler.parent_level: {exc}") from None
-    if parent_level == 0:
-        raise ConfigError("sampler.parent_level must be coarser than the finest level")
-    return HierarchicalPKSampler(
-        dataset.labels,
-        cfg.classes_per_batch,
-        cfg.images_per_class,
-        siblings=cfg.siblings,
-        parent_level=parent_level,
-        seed=config.seed,
-    )
+        return HierarchicalPKSampler(
+            dataset.labels,
+            cfg.classes_per_batch,
+            cfg.images_per_class,
+            siblings=cfg.siblings,
+            parent_level=dataset.schema.index(cfg.parent_level),
+            seed=config.seed,
+        )
+    except ValueError as exc:  # labels that do not nest under the parent level
+        raise DatasetError(f"sampler.siblings groups fine classes under sampler.parent_level, but: {exc}") from None
 
 
 def _seed_everything(seed: int) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from retrieval.cli.common import console, print_json, recipe_overrides, user_errors
+from retrieval.cli.train_cmd import data_options, run_notes, start_options
 
 
 def distill(
@@ -19,10 +20,23 @@ def distill(
     teacher: Path | None = typer.Option(
         None, "--teacher", help="The teacher's encoder checkpoint: the encoder that builds (built) the gallery index."
     ),
+    images: Path | None = typer.Option(
+        None,
+        "--images",
+        help="Training photos: a CSV with `path` and label columns, a folder holding labels.csv, or a folder of "
+        "class sub-folders (sets data.source=csv). Mining uses the finest level.",
+    ),
+    val_images: Path | None = typer.Option(None, "--val-images", help="Validation photos in the same form."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: --set loss.name=aml_contrastive_plus."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (overrides out_dir in the recipe)."),
     weights: Path | None = typer.Option(
         None, "--weights", help="Local pretrained weights for the student's backbone (safetensors or .pth)."
+    ),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        help="Start the student from an encoder checkpoint of this engine (every layer and its architecture; its "
+        "dimension must be the teacher's).",
     ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoints/last if present."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (and the evaluations) as JSON."),
@@ -44,7 +58,12 @@ def distill(
         from training.recipe_paths import find_recipe
         from training.trainer import Trainer
 
-        overrides = recipe_overrides(set_, {"out_dir": out, "distill.teacher": teacher, "backbone_weights": weights})
+        options = {
+            **data_options(images, val_images),
+            **start_options(out, weights, init_from),
+            "distill.teacher": teacher,
+        }
+        overrides = recipe_overrides(set_, options)
         recipe = find_recipe(config)
         objective = recipe_objective(recipe, overrides)
         if objective != "distillation":
@@ -66,6 +85,8 @@ def distill(
     for mode, report in reports.items():
         console.print(f"[bold]{mode}[/] ({_describe(mode)})", highlight=False)
         console.print(report.format_table(), highlight=False)
+    for line in run_notes(summary):
+        console.print(line, highlight=False)
     console.print(
         f"{summary['steps']} steps ({summary['stopped']}), {summary['seconds']:.0f}s this run; "
         f"student: {summary['encoder_path']} (teacher {summary['teacher_id']})"

@@ -199,9 +199,7 @@ def test_miner_follows_the_cluster_rule(pool_size):
     student = torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), dim=1)
     mined = miner.mine(student, queries_at, torch.from_numpy(teacher[pool]), epoch=2, step=9)
     for row, query in enumerate(queries_at):
-        expected = _brute_force_negatives(
-            student[row].numpy(), clusters[query], pool, teacher[pool], clusters, k=5
-        )
+        expected = _brute_force_negatives(student[row].numpy(), clusters[query], pool, teacher[pool], clusters, k=5)
         assert mined.negatives[row].tolist() == expected
         negatives = mined.negatives[row][mined.negatives[row] >= 0]
         assert clusters[query] not in clusters[negatives]

@@ -18,9 +18,19 @@ def test_the_issue_recipes_are_packaged():
     assert {"aml-synthetic-cpu", "aml-effnetb3-glam"} <= set(available_recipes())
 
 
+def test_the_own_photos_recipe_derives_every_per_level_setting_from_the_data():
+    """``retrieval train --images`` trains it: nothing in it may assume fine/middle/coarse."""
+    assert "own-photos" in available_recipes()
+    config = load_recipe_config(recipe_path("own-photos"), ["data.train_csv=photos.csv"])
+    assert config.data.source == "csv" and config.model.pretrained and config.model.backbone == "resnet50"
+    assert config.loss.name == "multiscale_normsoftmax" and config.loss.params == {}  # heads follow the data's levels
+    assert config.sampler.parent_level is None and config.sampler.siblings == 2
+
+
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_recipe_validates_and_builds_its_loss(name):
-    config = load_recipe_config(recipe_path(name))
+    needs_files = ["data.train_csv=photos.csv"] if name == "own-photos" else []  # --images gives it
+    config = load_recipe_config(recipe_path(name), needs_files)
     assert isinstance(config, DistillConfig) == name.startswith("aml-")
     hierarchy = np.array([[f, f // 2, f // 4] for f in range(8)])
     params = dict(config.loss.params)

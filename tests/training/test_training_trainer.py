@@ -138,6 +138,7 @@ def test_time_budget_stops_cleanly_and_saves(tmp_path):
     cfg = _config(schedule__max_minutes=1e-6, out_dir=tmp_path)
     result = train_from_config(cfg, progress=False)  # datasets from cfg.data (the tiny synthetic set)
     assert result.stopped == "time_budget" and result.steps == 1
+    assert result.partial and (result.planned_steps, result.schedule_steps) == (20, 20)  # spent before any fit
     assert result.val_report is not None and result.val_report.num_queries == len(generate_split(TINY_DATA, "val"))
     assert (tmp_path / "encoder" / "config.json").is_file()
     state = torch.load(tmp_path / "checkpoints" / "last" / TRAIN_STATE_FILE, weights_only=True)
@@ -179,12 +180,16 @@ def test_seeded_samples_are_reproducible_and_keep_the_global_rng(tiny_data):
 
 def test_bad_setups_fail_with_clear_messages(tiny_data, tmp_path):
     train, val = tiny_data
-    with pytest.raises(ValueError, match="classes_per_batch"):
-        Trainer(_config(sampler__classes_per_batch=1000), train, val, out_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="unknown label level 'tiny'"):
+    big = Trainer(_config(sampler__classes_per_batch=1000), train, val, out_dir=tmp_path, progress=False)
+    assert big.sampler.classes_per_batch == big.config.sampler.classes_per_batch == 36  # all the data's fine classes
+    with pytest.raises(ValueError, match=r"^loss\.params\.levels: 'tiny' is not a level of the training data"):
         Trainer(_config(loss__params={"levels": ["tiny"]}), train, val, out_dir=tmp_path, progress=False)
-    with pytest.raises(KeyError, match=r"unknown loss 'nope'; valid names: aml_.*, csl, .*multiscale_cosface"):
+    with pytest.raises(
+        KeyError, match=r"loss\.name: unknown loss 'nope'; valid names: aml_.*, csl, .*multiscale_cosface"
+    ):
         Trainer(_config(loss__name="nope"), train, val, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"^loss\.params\.scale: must be positive, got -1"):
+        Trainer(_config(loss__params={"scale": -1.0}), train, val, out_dir=tmp_path, progress=False)
     assert json.loads(_config().model_dump_json())["device"] == "cpu"
 
 

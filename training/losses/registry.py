@@ -22,7 +22,8 @@ import numpy as np
 from torch import nn
 
 from retrieval.config import ConfigError
-from retrieval.registry import Registry
+from retrieval.registry import Registry, UnknownNameError
+from training.config_keys import keyed_message
 
 __all__ = ["LOSSES", "LossBuilder", "available_losses", "create_loss", "is_distillation_loss", "needs_hierarchy"]
 
@@ -45,6 +46,15 @@ def _register_builtins() -> None:
         importlib.import_module(module)
 
 
+def _builder(name: str) -> LossBuilder:
+    """The builder registered as ``name``; an unknown name is ``loss.name`` in a recipe, and the error says so."""
+    _register_builtins()
+    try:
+        return LOSSES.get(name)
+    except UnknownNameError as exc:
+        raise UnknownNameError(f"loss.name: {exc}") from None
+
+
 def available_losses() -> list[str]:
     """Names of every registered loss, the built-in ones included (sorted)."""
     _register_builtins()
@@ -53,8 +63,7 @@ def available_losses() -> list[str]:
 
 def needs_hierarchy(name: str) -> bool:
     """Whether the loss ``name`` needs the class tree (it declares a ``hierarchy`` parameter)."""
-    _register_builtins()
-    return "hierarchy" in inspect.signature(LOSSES.get(name)).parameters
+    return "hierarchy" in inspect.signature(_builder(name)).parameters
 
 
 def is_distillation_loss(name: str) -> bool:
@@ -63,8 +72,7 @@ def is_distillation_loss(name: str) -> bool:
     A builder declares it with a truthy ``is_distillation`` attribute, on itself or on the class its return
     annotation names (``training.losses.distillation.DistillationLoss`` sets it), so no loss is built to ask.
     """
-    _register_builtins()
-    builder = LOSSES.get(name)
+    builder = _builder(name)
     if getattr(builder, "is_distillation", False):
         return True
     try:
@@ -93,22 +101,39 @@ def create_loss(
         **params: loss-specific hyper-parameters from the recipe's ``loss.params``.
 
     Raises:
-        UnknownNameError: ``name`` is not registered (the message lists the valid names).
-        ConfigError: the parameters do not fit the loss (the message names the loss).
+        UnknownNameError: ``name`` is not registered (``loss.name: unknown loss ...``, listing the valid names).
+        ConfigError: the parameters do not fit the loss; the message names the key (``loss.params.margins: ...``,
+            ``loss.params.foo: not a parameter of loss 'csl' ...``).
     """
-    _register_builtins()
-    builder = LOSSES.get(name)
+    builder = _builder(name)
     if not num_classes or any(int(c) < 1 for c in num_classes):
         raise ConfigError(f"loss {name!r}: num_classes must list a positive class count per level, got {num_classes}")
     if embedding_dim < 1:
         raise ConfigError(f"loss {name!r}: embedding_dim must be positive, got {embedding_dim}")
     args = ([int(c) for c in num_classes], int(embedding_dim))
+    settable = _settable_parameters(builder)
+    if settable is not None:
+        unknown = sorted(set(params) - set(settable))
+        if unknown:
+            takes = ", ".join(settable) or "no parameters"
+            raise ConfigError(f"loss.params.{unknown[0]}: not a parameter of loss {name!r} (it takes: {takes})")
     if needs_hierarchy(name):
         if hierarchy is None:
             raise ConfigError(f"loss {name!r} needs the class hierarchy (fine -> coarser labels); pass hierarchy=")
         params = {**params, "hierarchy": hierarchy}
     try:
         inspect.signature(builder).bind(*args, **params)
-    except TypeError as exc:  # an unknown or missing keyword in a recipe
-        raise ConfigError(f"loss {name!r}: invalid parameters {sorted(params)}: {exc}") from None
-    return builder(*args, **params)
+    except TypeError as exc:  # a missing required keyword
+        raise ConfigError(f"loss.params ({name!r}): {exc}") from None
+    try:
+        return builder(*args, **params)
+    except (ValueError, TypeError) as exc:  # the builder's own checks of the recipe's values
+        raise ConfigError(keyed_message("loss.params", str(exc), settable or params, f"loss {name!r}")) from None
+
+
+def _settable_parameters(builder: LossBuilder) -> list[str] | None:
+    """The keyword parameters a recipe may set (``None`` when the builder takes ``**kwargs``)."""
+    parameters = list(inspect.signature(builder).parameters.values())[2:]  # after num_classes, embedding_dim
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.name != "hierarchy" and p.kind is not inspect.Parameter.VAR_POSITIONAL]

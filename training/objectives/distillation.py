@@ -36,6 +36,7 @@ from training.losses import available_losses, create_loss, is_distillation_loss
 from training.mining import AsymmetricTupleMiner, MinedTuples
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
 from training.optim import param_groups
+from training.starting_weights import build_encoder
 from training.teacher_cache import TeacherCache, data_fingerprint, open_teacher_cache
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class DistillationObjective(TrainingObjective):
         self.teacher_id = str(teacher.encoder_id)
         self.teacher_path = str(distill.teacher)
         student_config = _student_config(config, teacher)
-        self.student = Encoder(student_config, backbone_weights=config.backbone_weights)
+        self.student = build_encoder(config, student_config)
         num_classes = [train_dataset.vocab.num_classes(k) for k in range(train_dataset.schema.num_levels)]
         self.loss_fn = create_loss(config.loss.name, num_classes, student_config.embedding_dim, **config.loss.params)
         self.cache = self._open_cache(train_dataset, device)
@@ -189,8 +190,17 @@ class DistillationObjective(TrainingObjective):
 
 
 def _student_config(config: DistillConfig, teacher: Encoder) -> Any:
-    """The student's architecture: the recipe's ``model`` in the teacher's dimension, recording the teacher."""
+    """The student's architecture: the recipe's ``model`` in the teacher's dimension, recording the teacher.
+
+    A student started from a checkpoint (``init_from``) keeps that checkpoint's dimension, which must then be the
+    teacher's.
+    """
     model = config.model
+    if config.init_from is not None and model.embedding_dim != teacher.embedding_dim:
+        raise ConfigError(
+            f"init_from: {config.init_from} embeds in {model.embedding_dim} dimensions but the teacher in "
+            f"{teacher.embedding_dim}; a student must embed in its teacher's dimension"
+        )
     if model.projection == "before_pooling" and teacher.config.projection == "after_pooling":
         logger.warning(
             "the student projects before GeM, so its vectors are non-negative, but the teacher ends in a linear "

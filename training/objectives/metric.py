@@ -20,6 +20,7 @@ from retrieval.evaluation.report import EvaluationReport
 from training.losses import create_loss, is_distillation_loss, needs_hierarchy
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
 from training.optim import param_groups
+from training.starting_weights import build_encoder
 
 if TYPE_CHECKING:
     from training.config import OptimConfig, TrainConfig
@@ -32,14 +33,14 @@ class MetricLearningObjective(TrainingObjective):
     """One encoder trained with a metric loss from ``training.losses.LOSSES``.
 
     Args:
-        config: the run's config (``model``, ``loss``, ``backbone_weights`` are read).
+        config: the run's config (``model``, ``loss``, ``backbone_weights``, ``init_from`` are read).
         train_dataset: the training images; the loss's class counts and class tree come from its labels.
     """
 
     def __init__(self, config: TrainConfig, train_dataset: LabelledImageDataset) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config.model, backbone_weights=config.backbone_weights)
+        self.encoder = build_encoder(config)
         self.loss_fn = build_metric_loss(config, train_dataset)
 
     def output_encoder(self) -> Encoder:
@@ -84,7 +85,10 @@ def build_metric_loss(config: TrainConfig, train_dataset: LabelledImageDataset) 
     if "hierarchy" in params:
         raise ConfigError("loss.params.hierarchy is not a setting: the class tree is read from the training labels")
     if params.get("levels") is not None:  # level names from a recipe -> label columns
-        params["levels"] = [schema.index(v) if isinstance(v, str) else v for v in params["levels"]]
+        try:
+            params["levels"] = [schema.index(v) if isinstance(v, str) else v for v in params["levels"]]
+        except ValueError as exc:
+            raise ConfigError(f"loss.params.levels: {exc}") from None
     num_classes = [vocab.num_classes(k) for k in range(schema.num_levels)]
     hierarchy = None
     if needs_hierarchy(name):  # the class tree, read once from the training labels
