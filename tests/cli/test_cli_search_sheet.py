@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from isolated_python import run_isolated
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -155,14 +154,7 @@ def test_search_sheet_with_onnx_never_imports_torch(index_and_onnx, gallery, tmp
     index, onnx = index_and_onnx
     out = tmp_path / "torch_free.png"
     args = ["search", "--index", str(index), "--query-encoder", str(onnx), *_queries(gallery, 3), "--k", "3"]
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "retrieval.cli.main", *args, "--sheet", str(out), "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-    )
+    done = run_isolated(["-X", "importtime", "-m", "retrieval.cli.main", *args, "--sheet", str(out), "--json"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["sheet"] == str(out) and Image.open(out).format == "PNG"
     imported = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", done.stderr, flags=re.MULTILINE)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from isolated_python import run_isolated
 
 SCRIPT = textwrap.dedent(
     """
@@ -34,15 +34,7 @@ SCRIPT = textwrap.dedent(
 
 def test_an_onnx_server_runs_without_torch(serving_index, serving_onnx, serving_gallery):
     image = Path(serving_gallery).parent / "img_4.png"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(serving_index), str(serving_onnx), str(image)],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
-    )
+    done = run_isolated(["-c", SCRIPT, str(serving_index), str(serving_onnx), str(image)])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["search"] == 200 and report["first"] == 4 and report["count"] == 9

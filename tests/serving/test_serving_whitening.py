@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from isolated_python import run_isolated
 
 from indexing import open_index_dir
 from retrieval.data.datasets import CsvImageDataset
@@ -114,14 +113,7 @@ ONNX_SCRIPT = textwrap.dedent(
 
 def test_a_whitened_index_is_searched_with_onnx_without_torch(whitened_index, serving_onnx, serving_gallery):
     images = [str(Path(serving_gallery).parent / f"img_{i}.png") for i in (2, 6)]
-    done = subprocess.run(
-        [sys.executable, "-c", ONNX_SCRIPT, str(whitened_index), str(serving_onnx), *images],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-    )
+    done = run_isolated(["-c", ONNX_SCRIPT, str(whitened_index), str(serving_onnx), *images])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"first": [2, 6], "whitening": "learned", "loaded": []}
