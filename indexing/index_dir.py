@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
 from collections.abc import Iterable, Mapping
@@ -233,6 +234,40 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
     path = Path(path)
     if not path.is_dir() and recover_interrupted_swap(path) is None:
         raise IndexFormatError(f"index directory not found: {path}{_leftover_hint(path)}")
+    for attempt in range(_OPEN_ATTEMPTS):
+        version = _version(path)
+        try:
+            opened = _open_version(path)
+        except (IndexFormatError, OSError, sqlite3.Error):
+            if attempt + 1 < _OPEN_ATTEMPTS and _version(path) != version:
+                continue  # a writer swapped a new version in while this one was read: read that one
+            raise
+        if _version(path) == version:
+            return opened
+        opened.close()  # the files may come from two versions: read again
+    raise IndexFormatError(f"index directory {path} kept changing while it was opened; try again")
+
+
+#: How often ``open_index_dir`` reads again when writers keep replacing the directory under it.
+_OPEN_ATTEMPTS = 5
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    """Which version of the index directory is at ``path`` now: its inode (a write swaps in a new directory).
+
+    Writers replace an index directory whole (``retrieval.atomic``: the new directory is exchanged with the
+    old one, which is then removed), so a reader that finds the same directory at ``path`` before and after
+    reading its files read them all from one version; otherwise it reads again.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _open_version(path: Path) -> IndexDirectory:
+    """Open the files at ``path`` once (``open_index_dir`` checks that they came from one version)."""
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
         raise IndexFormatError(

@@ -111,3 +111,33 @@ def test_kill_between_exchange_and_cleanup_leaves_the_new_index(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].startswith(f".idx.tmp-{child.pid}-")  # the old version
     _write(path, 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_readers_never_see_a_mix_of_two_versions_while_writers_swap(tmp_path):
+    """Opening while another thread keeps replacing the index: every open sees one whole version, no error."""
+    import threading
+
+    path = tmp_path / "idx"
+    _write(path, 4)
+    stop = threading.Event()
+    writes = []
+
+    def keep_writing() -> None:
+        while not stop.is_set():
+            _write(path, 8 if len(writes) % 2 == 0 else 4)
+            writes.append(1)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    seen = []
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            with open_index_dir(path) as directory:  # raises on a torn read
+                seen.append((len(directory), directory.manifest.count, directory.metadata.count()))
+    finally:
+        stop.set()
+        writer.join()
+    assert len(writes) >= 5 and len(seen) >= 20, (len(writes), len(seen))  # the race was really run
+    assert {count for count, _, _ in seen} == {4, 8}
+    assert all(a == b == c for a, b, c in seen)
