@@ -10,20 +10,26 @@ and the gallery the index will serve. Only ``manifest.json`` is rewritten (atomi
 written beside it (atomically, before the manifest); the FAISS index and the metadata are untouched. The
 calibration stored in the manifest carries its diagnostics (:mod:`indexing.calibration_diagnostics`), the
 warnings that say when the thresholds cannot be trusted.
+
+When the queries will come from a student distilled into the index's space (AML), the thresholds should be
+fitted to the pairs it will meet: each validation image as the student embeds it against the others as the
+index's encoder embeds them (``query_encoder_path``). A student's queries score lower against the gallery
+than the teacher's own, so thresholds fitted on teacher pairs cost the student recall.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from indexing.calibration import DEFAULT_BINS, Calibration, count_pairs, parse_objective, thresholds_from_counts
 from indexing.calibration_plot import CALIBRATION_PLOT_FILE, write_calibration_plot
 from indexing.errors import IndexFormatError
-from indexing.extract import extract_embeddings
+from indexing.extract import Extraction, extract_embeddings
 from indexing.index_dir import MANIFEST_FILE, open_index_dir
 from indexing.manifest import Manifest
 from models.checkpoint import load_encoder
@@ -83,6 +89,7 @@ def calibrate_index(
     objective: str = "f1",
     *,
     encoder_path: str | Path | None = None,
+    query_encoder_path: str | Path | None = None,
     bins: int = DEFAULT_BINS,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
@@ -98,6 +105,10 @@ def calibrate_index(
         objective: ``"f1"`` or ``"precision>=P"`` (see :mod:`indexing.calibration`).
         encoder_path: the encoder checkpoint; default the one that built the index. It must be that encoder
             (or a student distilled into its space).
+        query_encoder_path: the encoder that will embed the queries, when it is not the index's own: a student
+            distilled into the index's space (AML). Each validation image then queries the others as the student
+            embeds it, against the others as the index's encoder embeds them (the pairs a served student meets),
+            so the thresholds fit the student's lower scores. Recorded as the calibration's ``query_encoder_id``.
         bins: candidate thresholds over [-1, 1].
         batch_size: images per forward pass.
         device: where the encoder runs.
@@ -119,22 +130,45 @@ def calibrate_index(
         path = index_dir.path
         whitening = index_dir.whitening  # the index scores whitened vectors: so must the calibration pairs
     dataset = open_validation_set(labels, list(manifest.levels))
-    encoder = load_encoder(_encoder_path(path, manifest, encoder_path), device=device)
-    accepted = {encoder.encoder_id, getattr(encoder.config, "teacher_id", None)} - {None}
-    if manifest.encoder_id not in accepted:
-        raise CalibrationError(
-            f"encoder {encoder.encoder_id} did not build index {path} (built by {manifest.encoder_id}); "
-            "calibrate with the index's own encoder"
+
+    def embed(checkpoint: Path) -> tuple[str, Extraction]:
+        encoder = load_encoder(checkpoint, device=device)
+        accepted = {encoder.encoder_id, getattr(encoder.config, "teacher_id", None)} - {None}
+        if manifest.encoder_id not in accepted:
+            raise CalibrationError(
+                f"encoder {encoder.encoder_id} did not build index {path} (built by {manifest.encoder_id}) and was "
+                "not distilled into its space; calibrate with the index's own encoder or one of its students"
+            )
+        extraction = extract_embeddings(
+            encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
         )
-    extraction = extract_embeddings(
-        encoder, dataset, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress
-    )
-    if len(extraction) < 2:
-        raise CalibrationError(f"calibration needs at least 2 readable validation images, got {len(extraction)}")
-    embeddings = extraction.embeddings if whitening is None else whitening.apply(extraction.embeddings)
+        if len(extraction) < 2:
+            raise CalibrationError(f"calibration needs at least 2 readable validation images, got {len(extraction)}")
+        return encoder.encoder_id, extraction
+
+    def whitened(embeddings: np.ndarray) -> np.ndarray:  # the index scores whitened vectors: so must the pairs
+        return embeddings if whitening is None else whitening.apply(embeddings)
+
+    _, extraction = embed(_encoder_path(path, manifest, encoder_path))
+    labels_of = dataset.labels[extraction.indices]
+    query_encoder_id = None
     try:
-        counts = count_pairs(embeddings, dataset.labels[extraction.indices], schema=list(manifest.levels), bins=bins)
-        calibration = thresholds_from_counts(counts, objective)
+        if query_encoder_path is None:
+            counts = count_pairs(whitened(extraction.embeddings), labels_of, schema=list(manifest.levels), bins=bins)
+        else:
+            query_encoder_id, queries = embed(Path(query_encoder_path))
+            if not np.array_equal(queries.indices, extraction.indices):
+                raise CalibrationError("the two encoders could not read the same validation images")
+            counts = count_pairs(
+                whitened(queries.embeddings),
+                labels_of,
+                whitened(extraction.embeddings),
+                labels_of,
+                schema=list(manifest.levels),
+                bins=bins,
+                query_in_gallery=np.arange(len(extraction)),
+            )
+        calibration = replace(thresholds_from_counts(counts, objective), query_encoder_id=query_encoder_id)
     except ValueError as exc:
         raise CalibrationError(f"cannot calibrate {path} on {labels}: {exc}") from None
     try:

@@ -157,6 +157,8 @@ class Calibration:
         bins: number of candidate thresholds over [-1, 1] (the grid resolution is ``2 / bins``).
         diagnostics: how far the thresholds can be trusted (score quantiles, AUC, warnings), or ``None`` for a
             calibration stored before diagnostics existed or built by hand.
+        query_encoder_id: the query encoder the thresholds were fitted for when it is not the index's own (a
+            student distilled into its space, whose queries score lower against the gallery), else ``None``.
 
     Raises:
         ValueError: on construction, with no level, a repeated level name, thresholds that increase from a finer
@@ -167,6 +169,7 @@ class Calibration:
     objective: str = "f1"
     bins: int = DEFAULT_BINS
     diagnostics: CalibrationDiagnostics | None = None
+    query_encoder_id: str | None = None
 
     def __post_init__(self) -> None:
         levels = tuple(self.levels)
@@ -225,6 +228,8 @@ class Calibration:
         }
         if self.diagnostics is not None:
             payload["diagnostics"] = self.diagnostics.to_dict()
+        if self.query_encoder_id is not None:
+            payload["query_encoder_id"] = self.query_encoder_id
         return payload
 
     @classmethod
@@ -238,7 +243,7 @@ class Calibration:
         """
         if not isinstance(payload, Mapping) or not isinstance(payload.get("levels"), list):
             raise ValueError("a calibration must be a mapping with a 'levels' list")
-        unknown = set(payload) - {"objective", "bins", "levels", "diagnostics"}
+        unknown = set(payload) - {"objective", "bins", "levels", "diagnostics", "query_encoder_id"}
         if unknown:
             raise ValueError(f"unknown calibration keys: {sorted(unknown)}")
         fields = set(LevelThreshold.__dataclass_fields__)
@@ -256,6 +261,7 @@ class Calibration:
             objective=str(payload.get("objective", "f1")),
             bins=payload.get("bins", DEFAULT_BINS),
             diagnostics=None if diagnostics is None else CalibrationDiagnostics.from_dict(diagnostics),
+            query_encoder_id=None if payload.get("query_encoder_id") is None else str(payload["query_encoder_id"]),
         )
 
     def format_table(self) -> str:

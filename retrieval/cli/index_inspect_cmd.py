@@ -165,6 +165,12 @@ def calibrate(
     encoder: Path | None = typer.Option(
         None, "--encoder", help="Encoder checkpoint directory; default: the one that built the index."
     ),
+    query_encoder: Path | None = typer.Option(
+        None,
+        "--query-encoder",
+        help="The student checkpoint that will embed the queries (AML): fit the thresholds to its queries against "
+        "the index encoder's embeddings of the other images, the pairs a served student meets.",
+    ),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     device: str = typer.Option(
         "auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N."
@@ -192,6 +198,7 @@ def calibrate(
             labels,
             objective,
             encoder_path=encoder,
+            query_encoder_path=query_encoder,
             batch_size=batch_size,
             device=device,
             num_workers=workers,

@@ -111,7 +111,8 @@ def _print_calibration(calibration: dict[str, Any]) -> None:
     )
     console.print(
         f"granularity thresholds, calibrated on {calibration['images']} labelled validation images "
-        f"(objective {calibration['objective']}): {levels}",
+        f"for the {calibration.get('queries_by', 'index encoder')}'s queries (objective {calibration['objective']}): "
+        f"{levels}",
         highlight=False,
     )
     for warning in calibration.get("warnings") or []:

@@ -135,10 +135,15 @@ def run_quickstart(options: QuickstartOptions, announce: Step = lambda message: 
         announce(f"7/{steps} distilling a small query encoder into the gallery encoder's space (AML)")
         with _timed(timings, "distill"):
             student = _distill(encoder_path, config.data, work / "student", options)
-        announce(f"8/{steps} scoring the student's queries against the teacher's index, exporting and timing it")
+        announce(
+            f"8/{steps} scoring the student's queries against the teacher's index, re-calibrating its thresholds "
+            "for the student's queries, exporting and timing it"
+        )
         with _timed(timings, "student"):
             student_path = Path(student["encoder_path"])
             student["evaluation"] = _evaluate_student(student_path, gallery, gallery_vectors, options)
+            student["teacher_calibration"] = calibration  # what the index encoder's own queries would get
+            calibration = _calibrate(index_path, val_csv, options, query_encoder=student_path)
             query_encoder, student["onnx_min_cosine"] = _export(student_path, work / "student.onnx")
             student["latency"] = _latency(query_encoder, onnx_path, gallery)
             student["mobile"] = _export_mobile(student_path, test_csv, work / "student-mobile.onnx")
@@ -206,18 +211,24 @@ def _train(config: Any, progress: bool) -> dict[str, Any]:
     return _partial(train(config, resume=False, progress=progress).to_dict(), config)
 
 
-def _calibrate(index_path: Path, val_csv: Path, options: QuickstartOptions) -> dict[str, Any]:
+def _calibrate(
+    index_path: Path, val_csv: Path, options: QuickstartOptions, query_encoder: Path | None = None
+) -> dict[str, Any]:
     """Calibrate the index's per-level thresholds on the validation images (fresh instances of the training
-    classes, the index encoder on both sides) and store them in its manifest, so that the served index
-    answers ``granularity`` searches and tags every hit with its level."""
+    classes) and store them in its manifest, so that the served index answers ``granularity`` searches and tags
+    every hit with its level. With ``query_encoder`` (the student the server will use) the queries are the
+    student's embeddings against the index encoder's: the pairs the served index will see."""
     from indexing.calibrate_index import calibrate_index
 
-    result = calibrate_index(index_path, val_csv, device=options.device, progress=options.progress)
+    result = calibrate_index(
+        index_path, val_csv, query_encoder_path=query_encoder, device=options.device, progress=options.progress
+    )
     calibration = result.calibration
     warnings = getattr(result, "warnings", None) or getattr(calibration, "warnings", None) or ()
     plot = getattr(result, "plot", None)  # calibration.png, where calibrate_index writes one
     return {
         "images": result.images,
+        "queries_by": "index encoder" if query_encoder is None else "student",
         "objective": calibration.objective,
         "thresholds": calibration.thresholds,
         "levels": [entry.to_dict() for entry in calibration.levels],

@@ -124,3 +124,39 @@ def test_real_photos_with_an_untrained_encoder_are_flagged(clothing_small, tiny_
     diagnostics = payload["calibration"]["diagnostics"]
     assert diagnostics["band"][1] - diagnostics["band"][0] < 0.25 and diagnostics["band"][0] > 0.5
     assert all(abs(level["auc"] - 0.5) < 0.15 for level in diagnostics["levels"])
+
+
+def test_calibrating_for_a_students_queries_pairs_them_with_the_index_encoders_vectors(
+    calibrated, tiny_checkpoint, make_student, make_checkpoint, tmp_path
+):
+    from indexing.calibration import count_pairs, thresholds_from_counts
+    from indexing.extract import extract_embeddings
+    from models import load_encoder, read_checkpoint_info
+    from retrieval.data.datasets import open_dataset
+
+    source, labels, teacher_payload = calibrated
+    index = tmp_path / "index"
+    shutil.copytree(source, index)
+    student = make_student(tiny_checkpoint, seed=5)
+    payload = _json(["index", "calibrate", str(index), "--labels", str(labels), "--query-encoder", str(student)])
+    calibration = payload["calibration"]
+    assert calibration["query_encoder_id"] == read_checkpoint_info(student).encoder_id
+    assert Manifest.read(index / "manifest.json").calibrated().query_encoder_id == calibration["query_encoder_id"]
+
+    levels = Manifest.read(index / "manifest.json").levels
+    dataset = open_dataset(labels, levels=levels)
+    teacher = extract_embeddings(load_encoder(tiny_checkpoint), dataset, progress=False).embeddings
+    queries = extract_embeddings(load_encoder(student), dataset, progress=False).embeddings
+    expected = thresholds_from_counts(  # student queries against the teacher's vectors of every other image
+        count_pairs(
+            queries, dataset.labels, teacher, dataset.labels, schema=levels, query_in_gallery=range(len(dataset))
+        )
+    )
+    assert payload["thresholds"] == pytest.approx(expected.thresholds, abs=1e-3)
+    assert payload["thresholds"] != pytest.approx(teacher_payload["thresholds"], abs=1e-3)
+
+    stranger = make_checkpoint(9)  # neither the index's encoder nor distilled into its space
+    result = runner.invoke(
+        app, ["index", "calibrate", str(index), "--labels", str(labels), "--query-encoder", str(stranger)]
+    )
+    assert result.exit_code == 2 and "not distilled into its space" in result.output

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import io
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from indexing.manifest import Manifest
 from retrieval.cli import quickstart_cmd
 from retrieval.cli.main import app
 
@@ -111,6 +113,13 @@ def test_quickstart_calibrates_its_index_for_granularity_searches(quickstart_run
     with open(paths["val_csv"]) as fh:  # the labelled validation split, written as files beside the gallery
         assert calibration["images"] == sum(1 for _ in fh) - 1 > 0
     assert isinstance(calibration["warnings"], list)
+    # the server queries with the student, so the stored thresholds are fitted to the student's queries
+    from serving.onnx_metadata import read_onnx_metadata
+
+    assert calibration["queries_by"] == "student"
+    stored = Manifest.read(Path(paths["index"]) / "manifest.json").calibrated()
+    assert stored.query_encoder_id == read_onnx_metadata(paths["query_encoder"]).encoder_id
+    assert report["student"]["teacher_calibration"]["queries_by"] == "index encoder"
 
     runner = CliRunner()
     info = runner.invoke(app, ["index", "info", paths["index"], "--json"])
