@@ -93,6 +93,17 @@ class SearchEngine(Closeable):
         check_compatible(index_dir, query_encoder)
         self.index_dir = index_dir
         self.query_encoder = query_encoder
+        fitted_for = self.thresholds_fitted_for
+        if fitted_for is not None and fitted_for != query_encoder.encoder_id:
+            logger.warning(
+                "the granularity thresholds of %s were calibrated for the queries of encoder %s, but queries come "
+                "from %s, whose scores against the gallery differ: hit levels are less reliable; recalibrate with "
+                "`retrieval index calibrate %s --labels VAL.csv --query-encoder CHECKPOINT`",
+                index_dir.path.name,
+                fitted_for,
+                query_encoder.encoder_id,
+                index_dir.path.name,
+            )
 
     @classmethod
     def open(
@@ -317,6 +328,16 @@ class SearchEngine(Closeable):
         vectors = self.embed([Image.new("RGB", (size, size), (127, 127, 127))])
         self.search_embeddings(vectors, 1)
 
+    @property
+    def thresholds_fitted_for(self) -> str | None:
+        """The encoder whose queries the thresholds were calibrated for; ``None`` when not calibrated."""
+        manifest = self.index_dir.manifest
+        if not manifest.thresholds:
+            return None
+        calibration = manifest.calibrated()
+        query_encoder_id = calibration.query_encoder_id if calibration is not None else None
+        return query_encoder_id or manifest.encoder_id
+
     def describe(self) -> dict[str, Any]:
         """What is served, without any server path: sizes, encoder ids and granularity thresholds."""
         manifest = self.index_dir.manifest
@@ -335,6 +356,7 @@ class SearchEngine(Closeable):
             "levels": list(manifest.levels),
             "granularities": list(manifest.thresholds),
             "thresholds": dict(manifest.thresholds),
+            "thresholds_fitted_for": self.thresholds_fitted_for,
             "index_type": manifest.factory,
         }
 

@@ -154,4 +154,10 @@ class IndexDescription(BaseModel):
     levels: list[str] = Field(description="label levels of the gallery metadata, finest first")
     granularities: list[str] = Field(description="calibrated levels a search may ask for, finest first")
     thresholds: dict[str, float] = Field(description="calibrated similarity threshold per level")
+    thresholds_fitted_for: str | None = Field(
+        None,
+        description="id of the encoder whose queries the thresholds were calibrated for (the index encoder, or a "
+        "student calibrated with --query-encoder); null when the index is not calibrated. When it is not "
+        "query_encoder_id, the levels of uploaded-image hits are less reliable",
+    )
     index_type: str = Field(description="the FAISS index factory string, e.g. 'Flat' (exact) or 'IVF1024,PQ32'")

@@ -127,7 +127,7 @@ def test_real_photos_with_an_untrained_encoder_are_flagged(clothing_small, tiny_
 
 
 def test_calibrating_for_a_students_queries_pairs_them_with_the_index_encoders_vectors(
-    calibrated, tiny_checkpoint, make_student, make_checkpoint, tmp_path
+    calibrated, tiny_checkpoint, make_student, make_checkpoint, tmp_path, caplog
 ):
     from indexing.calibration import count_pairs, thresholds_from_counts
     from indexing.extract import extract_embeddings
@@ -154,6 +154,16 @@ def test_calibrating_for_a_students_queries_pairs_them_with_the_index_encoders_v
     )
     assert payload["thresholds"] == pytest.approx(expected.thresholds, abs=1e-3)
     assert payload["thresholds"] != pytest.approx(teacher_payload["thresholds"], abs=1e-3)
+
+    from serving.engine import SearchEngine
+
+    with caplog.at_level("WARNING", logger="serving.engine"):
+        with SearchEngine.open(index, student) as engine:  # the student the thresholds were fitted for: no warning
+            assert engine.describe()["thresholds_fitted_for"] == calibration["query_encoder_id"]
+        assert not caplog.records
+        with SearchEngine.open(source, student) as engine:  # thresholds of the teacher's own queries
+            assert engine.describe()["thresholds_fitted_for"] == read_checkpoint_info(tiny_checkpoint).encoder_id
+        assert "--query-encoder" in caplog.text and calibration["query_encoder_id"] in caplog.text
 
     stranger = make_checkpoint(9)  # neither the index's encoder nor distilled into its space
     result = runner.invoke(
