@@ -89,10 +89,10 @@ def add_to_index(
         work_dir: the resumable extraction directory; default ``INDEX.add-extract`` beside the index.
         keep_embeddings: keep ``work_dir`` afterwards.
 
+    The new vectors go through the index's whitening, if it has one (see the module docstring).
+
     Raises:
         IndexFormatError: not an index directory, or an encoder of another embedding space.
-
-    The new vectors go through the index's whitening, if it has one (see the module docstring).
         ConfigError: no encoder given and none recorded in the manifest.
         DatasetError: label levels the index does not have, an empty gallery, or no readable image.
     """

@@ -164,12 +164,12 @@ def _print_command(command: str) -> None:
 
 def _steps(run: dict[str, Any]) -> str:
     """``"600 steps"``, or ``"135 of 600 steps"`` for a run its minute cap cut short."""
-    return f"{run['steps']} of {run['max_steps']} steps" if _cut_short(run) else f"{run['steps']} steps"
+    return f"{run['steps']} of {run['planned_steps']} steps" if _cut_short(run) else f"{run['steps']} steps"
 
 
 def _cut_short(run: dict[str, Any]) -> bool:
     """Whether a training ran fewer steps than its recipe plans (only a --minutes cap does that here)."""
-    planned = run.get("max_steps")
+    planned = run.get("planned_steps")
     return planned is not None and run["steps"] < planned
 
 

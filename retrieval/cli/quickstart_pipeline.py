@@ -181,8 +181,8 @@ def _budget(config: Any) -> str:
 
 
 def _partial(result: dict[str, Any], config: Any) -> dict[str, Any]:
-    """``result`` with the planned step count, so a run its minute cap cut short can say "n of N steps"."""
-    return {**result, "max_steps": config.schedule.max_steps, "max_minutes": config.schedule.max_minutes}
+    """``result`` (whose ``planned_steps`` lets a run its minute cap cut short say "n of N steps") with the cap."""
+    return {**result, "max_minutes": config.schedule.max_minutes}
 
 
 class _timed:

@@ -164,8 +164,8 @@ def test_quickstart_summary_says_plainly_when_a_cap_cut_training_short(quickstar
     _, report = quickstart_run
     capped = copy.deepcopy(report)
     # stopped at the cap, or a schedule fitted to the cap that completed: both are fewer steps than planned
-    capped["training"].update(stopped="time_budget", steps=12, max_steps=30, max_minutes=0.5)
-    capped["student"].update(stopped="completed", steps=4, max_steps=10, max_minutes=0.25)
+    capped["training"].update(stopped="time_budget", steps=12, planned_steps=30, max_minutes=0.5)
+    capped["student"].update(stopped="completed", steps=4, planned_steps=10, max_minutes=0.25)
     text = _summary(capped, monkeypatch, width=200)
     assert "trained 12 of 30 steps" in text and "PARTIAL RUN, 12 of 30 steps" in text
     assert "student: 4 of 10 steps" in text
