@@ -19,7 +19,8 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,31 @@ def _verify_checksum(path: Path, manifest: Manifest) -> None:
             )
 
 
+@contextmanager
+def _faiss_threads_for(num_queries: int) -> Iterator[None]:
+    """One FAISS (OpenMP) thread for a single query, in this thread only; batches keep every thread.
+
+    A single query is the HTTP path's case. FAISS would still split its scan over every core, and on a
+    machine whose cores are busy (other requests, the query encoder's own threads) the search then waits at
+    the OpenMP barrier for a descheduled thread. On the 2-core development machine under load from other
+    jobs, 100 single queries alternating between the two settings took 65-70 ms p50 with two threads against
+    1.7-1.9 ms with one on a 10k Flat index, and 9.1 against 1.4 ms on a 1M IVF4096_HNSW32,PQ128x4fs,RFlat
+    (``docs/query_path.md``). OpenMP keeps the thread count per calling thread, so the setting is
+    restored afterwards and touches no other thread (a concurrent batch search keeps its threads).
+    """
+    if num_queries != 1:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _leftover_hint(path: Path) -> str:
     """Point at a previous version left aside by a crash between the two renames of an atomic write."""
     if not path.parent.is_dir():
@@ -457,10 +483,23 @@ class IndexDirectory(Closeable):
         """
         if granularity is not None:
             self.threshold(granularity)  # fail before searching
+        return self.join_metadata(self.nearest(query_embeddings, k), granularity)
+
+    def nearest(self, query_embeddings: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The vector search of ``search`` alone: ``(scores, ids)`` per query, best first, ``NO_ID`` in empty slots.
+
+        ``search`` is ``nearest`` then ``join_metadata``; apart so that ``benchmarks/bench_query_stages.py``
+        can time the index and the metadata join separately.
+
+        Raises:
+            ValueError: wrong shape or dimension, or a non-positive ``k``.
+            IndexFormatError: the index returned scores unit vectors cannot have (a corrupt file).
+        """
         queries = self._check_queries(query_embeddings)
-        scores, ids = self.index.search(queries, k)
+        with _faiss_threads_for(len(queries)):
+            scores, ids = self.index.search(queries, k)
         check_scores(np.where(ids == NO_ID, 0.0, scores), queries, self._exact, f"index {self.path}: {INDEX_FILE}")
-        return self._results(list(zip(scores, ids, strict=True)), granularity)
+        return list(zip(scores, ids, strict=True))
 
     def search_above(
         self, query_embeddings: np.ndarray, min_score: float, limit: int | None = None
@@ -484,12 +523,13 @@ class IndexDirectory(Closeable):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
         queries = self._check_queries(query_embeddings)
-        found = self.index.range_search(queries, float(min_score))
+        with _faiss_threads_for(len(queries)):
+            found = self.index.range_search(queries, float(min_score))
         check_scores(found.scores, queries, self._exact, f"index {self.path}: {INDEX_FILE}")
         per_query = [found.hits(i) for i in range(len(found))]
         if limit is not None:
             per_query = [(scores[:limit], ids[:limit]) for scores, ids in per_query]
-        return self._results(per_query, None), found.fallback
+        return self.join_metadata(per_query, None), found.fallback
 
     def _check_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
         """Shape-checked queries, whitened when the index is (into the space of its stored vectors)."""
@@ -502,8 +542,15 @@ class IndexDirectory(Closeable):
             queries = self.whitening.apply(queries)
         return queries
 
-    def _results(self, per_query: list[tuple[np.ndarray, np.ndarray]], granularity: str | None) -> list[SearchResults]:
-        """Join ranked ``(scores, ids)`` per query with the metadata, tag levels and filter by granularity."""
+    def join_metadata(
+        self, per_query: list[tuple[np.ndarray, np.ndarray]], granularity: str | None = None
+    ) -> list[SearchResults]:
+        """Join ranked ``(scores, ids)`` per query (``nearest``) with the metadata, tag levels, filter by granularity.
+
+        Raises:
+            IndexFormatError: the metadata file is damaged.
+            ValueError: ``granularity`` is not a calibrated level (``search`` checks it first, with a clearer error).
+        """
         every_id = np.concatenate([ids for _, ids in per_query]) if per_query else np.zeros(0, np.int64)
         try:
             rows = self.metadata.get_many(np.unique(every_id[every_id != NO_ID]).tolist())

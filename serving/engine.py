@@ -245,7 +245,14 @@ class SearchEngine(Closeable):
         """Embed query images with the query encoder: ``(N, dim)`` float32, L2-normalised rows."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        vectors = self.query_encoder.encode(images)
+        return self.checked_embeddings(self.query_encoder.encode(images))
+
+    def checked_embeddings(self, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` from the query encoder, refused when a value is NaN or infinite (a broken model file).
+
+        Raises:
+            NonFiniteEmbeddingError: see the class.
+        """
         if not np.isfinite(vectors).all():
             bad = int((~np.isfinite(vectors).all(axis=1)).sum())
             raise NonFiniteEmbeddingError(

@@ -31,7 +31,7 @@ from serving.engine import ForeignEmbeddingError, QueryVectorError, SearchEngine
 from serving.limits import too_large_message
 from serving.settings import ServeSettings
 
-__all__ = ["search_router"]
+__all__ = ["build_response", "search_router"]
 
 _ERRORS = {
     400: {"model": ErrorBody, "description": "not an image, or a granularity asked of an uncalibrated index"},
@@ -66,12 +66,19 @@ def _response(
 ) -> SearchResponse:
     start = request.scope.get(REQUEST_START_KEY)
     took = (time.perf_counter() - start) * 1000.0 if start is not None else 0.0
+    return build_response(answer, k, encoder_id, granularity, min_score, took)
+
+
+def build_response(
+    answer: Answer, k: int, encoder_id: str, granularity: str | None, min_score: float | None, took_ms: float
+) -> SearchResponse:
+    """The ``SearchResponse`` of one answered query (the last stage ``benchmarks/bench_query_stages.py`` times)."""
     range_search = None
     if answer.range_fallback is not None:
         range_search = "knn_fallback" if answer.range_fallback else "native"
     return SearchResponse(
         k=k,
-        took_ms=round(took, 3),
+        took_ms=round(took_ms, 3),
         query_encoder_id=encoder_id,
         granularity=granularity,
         min_score=min_score,

@@ -46,6 +46,12 @@ logger = logging.getLogger(__name__)
 ORT_FILE_IDENTIFIER = b"ORTM"
 #: The output an export names; any other single-output model uses its first output.
 _OUTPUT_NAME = "embeddings"
+#: Whether ONNX Runtime's intra-op threads busy-wait for work between and after runs ("1", its default) or sleep.
+#: A query server shares its cores with upload decoding, FAISS and the HTTP framework, which the spinning threads
+#: starve: on the 2-core development machine (under load from other jobs) one 640x480 query took 71-80 ms end to
+#: end without spinning against 106-122 ms with it, the encoder itself 61-67 ms against 88-107 ms
+#: (``benchmarks/bench_query_stages.py``, 10k gallery, EfficientNet-B3 student at 300 px, runs alternated).
+_ALLOW_SPINNING = "0"
 #: ONNX Runtime's input type strings each input format may have.
 _INPUT_TYPES: dict[str, dict[str, type[np.generic]]] = {
     "float32_normalized": {"tensor(float)": np.float32, "tensor(float16)": np.float16},
@@ -104,6 +110,7 @@ class OnnxRuntimeQueryEncoder(QueryEncoderRuntime):
         threads = compute_threads() if threads is None else threads
         if threads is not None:
             options.intra_op_num_threads = int(threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", _ALLOW_SPINNING)
         # ONNX Runtime guesses the format from the ".ort" suffix; say it from the file's content instead.
         ort_format = is_ort_format(self.path)
         options.add_session_config_entry("session.load_model_format", "ORT" if ort_format else "ONNX")
@@ -172,14 +179,24 @@ class OnnxRuntimeQueryEncoder(QueryEncoderRuntime):
         """Embed PIL images as an ``(N, dim)`` float32 array of L2-normalised rows."""
         images = list(images)
         per_run = self._static_batch or self.batch_size
-        parts = []
-        for chunk in chunks(images, per_run):
-            batch = model_inputs(chunk, self.preprocess, self.info.input_format, np.dtype(self._input_dtype))
-            if self._static_batch is not None:
-                batch = pad_batch(batch, self._static_batch)
-            (out,) = self.session.run([self._output_name], {self._input_name: batch})
-            parts.append(out[: len(chunk)])
+        parts = [self.infer(self.prepare(chunk), len(chunk)) for chunk in chunks(images, per_run)]
         return finish_embeddings(parts, len(images), self.dim, str(self.path))
+
+    def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The model input for the images of one run (at most ``batch_size``), padded to a static batch.
+
+        ``encode`` is ``prepare`` then ``infer`` per run; they are apart so that the query path's benchmark
+        (``benchmarks/bench_query_stages.py``) can time the preprocessing and the network separately.
+        """
+        batch = model_inputs(images, self.preprocess, self.info.input_format, np.dtype(self._input_dtype))
+        if self._static_batch is not None:
+            batch = pad_batch(batch, self._static_batch)
+        return batch
+
+    def infer(self, batch: np.ndarray, count: int) -> np.ndarray:
+        """Run the model on a ``prepare``d batch: the first ``count`` rows as ``(count, dim)`` L2-normalised float32."""
+        (out,) = self.session.run([self._output_name], {self._input_name: batch})
+        return finish_embeddings([out[:count]], count, self.dim, str(self.path))
 
     def __repr__(self) -> str:
         return (

@@ -63,16 +63,24 @@ class TorchQueryEncoder(QueryEncoderRuntime):
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed PIL images as an ``(N, dim)`` float32 array of L2-normalised rows."""
-        import torch
-
         images = list(images)
         parts = [np.zeros((0, self.dim), np.float32)]
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self._transform(image) for image in images[start : start + self.batch_size]])
-            parts.append(self._embed(batch))
+            parts.append(self.infer(self.prepare(images[start : start + self.batch_size])))
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
-    def _embed(self, batch: Any) -> np.ndarray:
+    def prepare(self, images: Sequence[Image.Image]) -> Any:
+        """The ``(N, 3, S, S)`` float tensor of one forward pass, by the torch preprocessing pipeline.
+
+        ``encode`` is ``prepare`` then ``infer`` per batch; apart so that ``benchmarks/bench_query_stages.py``
+        can time the preprocessing and the network separately.
+        """
+        import torch
+
+        return torch.stack([self._transform(image) for image in images])
+
+    def infer(self, batch: Any) -> np.ndarray:
+        """The embeddings of a ``prepare``d batch as ``(N, dim)`` float32."""
         import torch
 
         with torch.inference_mode():
