@@ -6,6 +6,10 @@
   const KEY_STORAGE = "retrieval-engine.api-key";
   const CARD_PX = 160; // CSS width of a thumbnail; the request asks for device pixels
   const MAX_THUMB = 512; // the server's largest thumbnail size
+  // Photos larger than this (long side, px) are scaled down in the browser before upload: the query encoder
+  // sees a few hundred pixels, and decoding a 12 MP JPEG on the server alone costs more than half of a query
+  // (benchmarks/bench_query_stages.py, docs/query_path.md). Smaller images are sent untouched.
+  const MAX_UPLOAD_SIDE = 1024;
 
   const el = (id) => document.getElementById(id);
   const ui = {
@@ -142,6 +146,31 @@
     search();
   }
 
+  // A copy of a large photo, at most MAX_UPLOAD_SIDE px on its long side, as a JPEG; the file itself when it is
+  // small already or when the browser cannot decode it (the server then says what is wrong with it).
+  async function scaledForUpload(file) {
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file);
+    } catch {
+      return file;
+    }
+    const scale = MAX_UPLOAD_SIDE / Math.max(bitmap.width, bitmap.height);
+    if (scale >= 1) {
+      bitmap.close();
+      return file;
+    }
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    const context = canvas.getContext("2d");
+    context.imageSmoothingQuality = "high";
+    context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    bitmap.close();
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.92));
+    return blob || file;
+  }
+
   // --- search and results --------------------------------------------------------------------------
 
   async function search() {
@@ -150,8 +179,10 @@
       return;
     }
     const seq = ++searchSeq;
+    const upload = await scaledForUpload(queryFile);
+    if (seq !== searchSeq) return;
     const form = new FormData();
-    form.append("image", queryFile, queryFile.name || "query");
+    form.append("image", upload, queryFile.name || "query");
     const k = ui.k.value.trim();
     if (k) form.append("k", k);
     if (ui.granularity.value) form.append("granularity", ui.granularity.value);

@@ -276,3 +276,34 @@ def test_search_page_sends_the_api_key_and_keeps_it(page, keyed_server, gallery)
     page.wait_for_function("() => document.querySelectorAll('#granularity option').length > 1")
     # the only console errors are the browser's notes on the 401 answers before the key was typed
     assert all("401" in error for error in page.console_errors), page.console_errors
+
+
+def test_search_page_scales_large_photos_down_before_upload(page, server, tmp_path):
+    """A 3000x2000 photo leaves the browser as a JPEG of at most 1024 px a side; small images go untouched."""
+    import io
+
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.linear_gradient("L").resize((3000, 2000)).convert("RGB").save(big)
+    small = _a_png(tmp_path)
+    bodies: list[bytes] = []
+
+    def capture(route: Any) -> None:
+        bodies.append(route.request.post_data_buffer)
+        route.continue_()
+
+    page.route("**/v1/search", capture)
+    page.goto(f"{server}/")
+    page.wait_for_function("() => document.querySelectorAll('#granularity option').length > 1")
+    for path in (big, small):
+        with page.expect_response("**/v1/search") as answer:
+            page.set_input_files("#image-input", str(path))
+        assert answer.value.status == 200
+        _wait_for_results(page)
+    assert len(bodies) == 2 and page.console_errors == []
+    start = bodies[0].index(b"\xff\xd8\xff")  # the JPEG inside the multipart body
+    sent = Image.open(io.BytesIO(bodies[0][start:]))
+    assert sent.format == "JPEG" and max(sent.size) == 1024 and sent.size[0] / sent.size[1] == pytest.approx(1.5, 0.01)
+    # Below the limit the file itself is sent (Chromium leaves a file's bytes out of the intercepted body).
+    assert b"Content-Type: image/png" in bodies[1] and b"\xff\xd8\xff" not in bodies[1]
