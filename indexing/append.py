@@ -24,7 +24,7 @@ import torch
 from indexing.embedding_store import DEFAULT_CHUNK_SIZE, combine_stores
 from indexing.errors import IndexFormatError
 from indexing.extract import StoreRun
-from indexing.extract_job import ExtractOptions, default_work_dir, extract_gallery
+from indexing.extract_job import ExtractOptions, Runtime, default_work_dir, extract_gallery
 from indexing.index_dir import append_to_index_dir, open_index_dir
 from indexing.manifest import HistoryEntry
 from models.checkpoint import load_encoder
@@ -77,6 +77,7 @@ def add_to_index(
     restart: bool = False,
     keep_embeddings: bool = False,
     amp: bool = True,
+    runtime: Runtime = "torch",
 ) -> AddSummary:
     """Embed ``dataset`` and append it to the index directory at ``index_path``.
 
@@ -86,6 +87,8 @@ def add_to_index(
         encoder_path: the checkpoint to embed with; default: the one recorded in the manifest. Its
             encoder id must be the index's.
         batch_size, device, num_workers, progress, chunk_size, restart, amp: as for ``build_index``.
+        runtime: what runs the encoder: ``torch``, ``onnx`` (ONNX Runtime on CPU) or ``auto``
+            (``indexing.extract_job.choose_runtime``).
         work_dir: the resumable extraction directory; default ``INDEX.add-extract`` beside the index.
         keep_embeddings: keep ``work_dir`` afterwards.
 
@@ -93,13 +96,14 @@ def add_to_index(
 
     Raises:
         IndexFormatError: not an index directory, or an encoder of another embedding space.
+        indexing.onnx_cache.OnnxExtractionError: ``runtime="onnx"`` with an encoder ONNX Runtime cannot run.
         ConfigError: no encoder given and none recorded in the manifest.
         DatasetError: label levels the index does not have, an empty gallery, or no readable image.
     """
     start = time.perf_counter()
     index_path = Path(index_path)
     gallery = as_gallery(dataset)
-    options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart)
+    options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart, runtime)
     with open_index_dir(index_path) as current:  # the whole directory, checksum included, is checked before
         manifest = current.manifest  # the long extraction; append_to_index_dir opens it again to write
     unknown = [level for level in gallery.levels if level not in manifest.levels]

@@ -34,7 +34,7 @@ import torch
 from indexing.embedding_store import DEFAULT_CHUNK_SIZE, EmbeddingStore, StoredEmbeddings, combine_stores
 from indexing.errors import IndexFormatError
 from indexing.extract import StoreRun, extract_embeddings
-from indexing.extract_job import ExtractOptions, default_work_dir, extract_gallery
+from indexing.extract_job import ExtractOptions, Runtime, default_work_dir, extract_gallery
 from indexing.faiss_index import FaissIndex, TuneResult
 from indexing.index_dir import check_replaceable, write_index_dir
 from indexing.index_factory import choose_factory, parse_size
@@ -275,6 +275,7 @@ def build_index(
     whiten: str | None = None,
     whiten_dim: int | None = None,
     whiten_images: str | Path | None = None,
+    runtime: Runtime = "torch",
 ) -> BuildSummary:
     """Embed ``dataset`` with the encoder checkpoint and write an index directory at ``out_path``.
 
@@ -305,6 +306,8 @@ def build_index(
             docstring); None stores the encoder's vectors as they are.
         whiten_dim: whitened dimension (default: every direction the fitting vectors span, at most D).
         whiten_images: fit on this labelled gallery instead of the indexed one (e.g. a validation set).
+        runtime: what runs the encoder: "torch", "onnx" (exported, run by ONNX Runtime on CPU) or "auto"
+            (``indexing.extract_job.choose_runtime``).
 
     Raises:
         ConfigError: a bad factory string, memory budget, target recall or whitening option.
@@ -317,7 +320,7 @@ def build_index(
     """
     start = time.perf_counter()
     gallery = as_gallery(dataset)
-    options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart)
+    options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart, runtime)
     check_replaceable(Path(out_path))  # fail before the expensive extraction, not after it
     check_index_options(factory, memory_budget, target_recall)
     plan = plan_whitening(whiten, whiten_dim, whiten_images, gallery.levels)

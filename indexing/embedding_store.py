@@ -8,6 +8,13 @@ gallery order and ``chunk_size``, and batches never straddle them, so every chun
 whether it was embedded in one run, after a resume, or on another machine as part of ``--shard I/N``:
 the index built from them is the same.
 
+The spec records the runtime that embedded the chunks (``torch`` or ``onnx``, see ``indexing.extract_job``).
+ONNX Runtime reproduces PyTorch only to within float rounding (cosine >= 0.9999, checked when the encoder is
+exported; ~1e-7 in practice), so a resumed run must use the runtime that started it: otherwise the index would
+silently depend on where the run was interrupted, and two resumes of the same job could differ. Shards are
+different: machines with and without a GPU may embed the shards of one gallery, and ``combine_stores`` accepts
+shards of both runtimes with a warning, as it does for shards cut into different batch sizes.
+
 A chunk stores, for its readable items, the gallery positions, the float32 embeddings and each item's
 metadata (path, labels, extra columns) as JSON text, plus the skipped items with their reasons, so that
 ``retrieval index merge`` needs nothing but the shard directories. Files are read with
@@ -23,6 +30,7 @@ import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, ValidationError
@@ -91,6 +99,8 @@ class ExtractionSpec(StrictModel):
         chunk_size: gallery positions per chunk.
         batch_size: images per forward pass; batches are cut inside chunks.
         shard_index, num_shards: which slice of the chunks this directory covers.
+        runtime: what ran the encoder: ``torch`` or ``onnx`` (ONNX Runtime on CPU); extraction directories
+            written before the field existed were embedded by torch.
     """
 
     format_version: int = EXTRACTION_FORMAT_VERSION
@@ -105,6 +115,7 @@ class ExtractionSpec(StrictModel):
     batch_size: int = Field(gt=0)
     shard_index: int = Field(default=0, ge=0)
     num_shards: int = Field(default=1, ge=1)
+    runtime: Literal["torch", "onnx"] = "torch"
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -135,6 +146,20 @@ class ExtractionSpec(StrictModel):
             for f in fields
             if getattr(self, f) != getattr(other, f)
         ]
+
+    def resume_differences(self, other: ExtractionSpec) -> list[str]:
+        """Why ``other`` cannot continue this extraction: the job, the batch size, the shard or the runtime differ.
+
+        The last three change the vectors in their last bits (or which chunks are done), not their meaning:
+        shards may differ in them, a resumed run may not (see the module docstring).
+        """
+        differences = self.job_differences(other)
+        for name in ("batch_size", "runtime"):
+            if getattr(self, name) != getattr(other, name):
+                differences.append(f"{name}: {getattr(self, name)} vs {getattr(other, name)}")
+        if (self.shard_index, self.num_shards) != (other.shard_index, other.num_shards):
+            differences.append(f"shard: {self.shard_index}/{self.num_shards} vs {other.shard_index}/{other.num_shards}")
+        return differences
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,14 +240,16 @@ class EmbeddingStore:
                 if not restart:
                     raise IndexFormatError(f"{exc}; pass --restart to discard that extraction") from None
                 existing = None
-            differences = ["unreadable extraction.json"] if existing is None else _differences(existing.spec, spec)
+            differences = ["unreadable extraction.json"] if existing is None else existing.spec.resume_differences(spec)
             if existing is not None and not differences:
                 _remove_torn_chunks(path)
                 return existing
             if not restart:
+                runtime = existing.spec.runtime if existing is not None else spec.runtime
+                same = f" (--runtime {runtime})" if runtime != spec.runtime else ""
                 raise ExtractionMismatchError(
                     f"{path} holds the embeddings of another extraction ({'; '.join(differences)}); "
-                    "rerun with the same settings to continue it, or pass --restart to discard it"
+                    f"rerun with the same settings{same} to continue it, or pass --restart to discard it"
                 )
             logger.warning("discarding the extraction in %s (%s)", path, "; ".join(differences))
             for chunk_file in (path / CHUNKS_DIR).glob("chunk-*.npz"):
@@ -340,18 +367,6 @@ def _remove_torn_chunks(path: Path) -> None:
         torn.unlink(missing_ok=True)
 
 
-def _differences(existing: ExtractionSpec, wanted: ExtractionSpec) -> list[str]:
-    """Why an extraction on disk cannot be continued by ``wanted``: the job, the batch size or the shard differ."""
-    differences = existing.job_differences(wanted)
-    if existing.batch_size != wanted.batch_size:
-        differences.append(f"batch_size: {existing.batch_size} vs {wanted.batch_size}")
-    if (existing.shard_index, existing.num_shards) != (wanted.shard_index, wanted.num_shards):
-        differences.append(
-            f"shard: {existing.shard_index}/{existing.num_shards} vs {wanted.shard_index}/{wanted.num_shards}"
-        )
-    return differences
-
-
 def combine_stores(stores: list[EmbeddingStore]) -> StoredEmbeddings:
     """Read one complete extraction, or the shards of one, into arrays in gallery order.
 
@@ -389,6 +404,13 @@ def combine_stores(stores: list[EmbeddingStore]) -> StoredEmbeddings:
     batch_sizes = sorted({s.spec.batch_size for s in stores})
     if len(batch_sizes) > 1:
         logger.warning("shards used different batch sizes %s: vectors may differ in the last bits", batch_sizes)
+    runtimes = sorted({s.spec.runtime for s in stores})
+    if len(runtimes) > 1:
+        logger.warning(
+            "shards were embedded by different runtimes (%s): vectors agree to cosine >= 0.9999 (checked when the "
+            "encoder was exported), not bit for bit",
+            ", ".join(runtimes),
+        )
     positions, embeddings, rows, skipped = [], [], [], SkipReport()
     for chunk in range(first.total_chunks):
         content = owner[chunk].read_chunk(chunk)

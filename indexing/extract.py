@@ -5,6 +5,10 @@ which it left out rather than die at file 800 000, and a run killed at file 800 
 start again at file 0 (:func:`extract_to_store` writes each finished chunk to disk).
 Preprocessing comes from the encoder's own config (``encoder.config.preprocess``), never from
 the caller, so gallery and query images are always prepared the same way.
+
+The encoder runs in PyTorch (:func:`embed_batches`), or in another runtime given as a
+:class:`BatchEmbedder` (``indexing.onnx_embedder.OnnxGalleryEncoder``: ONNX Runtime on CPU); the chunking,
+skipping and progress around it are the same.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -40,9 +45,32 @@ from retrieval.data.images import SkipReport
 from retrieval.data.skipping import ImageSource, SkipCorrupt, collate_skipping, report_skipped
 from retrieval.data.transforms import build_transforms
 
-__all__ = ["Extraction", "StoreRun", "embed_batches", "extract_embeddings", "extract_to_store"]
+__all__ = ["BatchEmbedder", "Extraction", "StoreRun", "embed_batches", "extract_embeddings", "extract_to_store"]
 
 logger = logging.getLogger(__name__)
+
+#: What an embedding loop yields per batch: positions of the readable items, their embeddings, the skipped ones.
+EmbeddedBatch = tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]
+
+
+class BatchEmbedder(Protocol):
+    """A runtime other than eager PyTorch that embeds gallery batches (``indexing.onnx_embedder``).
+
+    Attributes:
+        runtime: its name as recorded in an extraction spec (``"onnx"``).
+        encoder_id: the checkpoint whose vectors it computes.
+        embedding_dim: length of the vectors.
+    """
+
+    runtime: str
+    encoder_id: str
+    embedding_dim: int
+
+    def embed_batches(
+        self, source: ImageSource, batches: Sequence[Sequence[int]], num_workers: int = 0
+    ) -> Iterator[EmbeddedBatch]:
+        """Exactly the given batches in the given order, as :func:`embed_batches` yields them."""
+        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +99,7 @@ def extract_embeddings(
     num_workers: int = 0,
     progress: bool = True,
     amp: bool = True,
+    embedder: BatchEmbedder | None = None,
 ) -> Extraction:
     """Embed every readable image of ``dataset`` with ``encoder``, in memory.
 
@@ -88,6 +117,7 @@ def extract_embeddings(
         num_workers: DataLoader worker processes decoding images (0 = in this process).
         progress: show a progress bar on the terminal.
         amp: on CUDA, run the encoder under float16 autocast (ignored on CPU).
+        embedder: run this instead of ``encoder`` in PyTorch (``device`` and ``amp`` are then unused).
 
     Returns:
         The embeddings of the kept items, their dataset positions and the skip report.
@@ -99,8 +129,9 @@ def extract_embeddings(
     kept: list[np.ndarray] = []
     report = SkipReport()
     start = time.perf_counter()
-    with progress_bar(len(dataset), progress) as advance:
-        for indices, embeddings, skipped in embed_batches(encoder, dataset, batches, device, num_workers, amp):
+    stream = _stream(encoder, embedder, dataset, batches, device, num_workers, amp)
+    with progress_bar(len(dataset), progress) as advance, contextlib.closing(stream):
+        for indices, embeddings, skipped in stream:
             report_skipped(dataset, skipped, report)
             chunks.append(embeddings)
             kept.append(indices)
@@ -127,6 +158,8 @@ class StoreRun:
         images_embedded: images it embedded now.
         images_skipped: unreadable images it met now (earlier runs' are in their chunk files).
         seconds: wall-clock time.
+        runtime: what ran the encoder (``torch`` or ``onnx``).
+        runtime_reason: why that runtime (``indexing.extract_job.choose_runtime``), when it was chosen.
     """
 
     chunks_before: int
@@ -134,6 +167,8 @@ class StoreRun:
     images_embedded: int
     images_skipped: int
     seconds: float
+    runtime: str = "torch"
+    runtime_reason: str | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -149,6 +184,7 @@ def extract_to_store(
     num_workers: int = 0,
     progress: bool = True,
     amp: bool = True,
+    embedder: BatchEmbedder | None = None,
 ) -> StoreRun:
     """Embed the chunks of ``store``'s shard that are not on disk yet, writing each chunk as soon as it is done.
 
@@ -160,19 +196,24 @@ def extract_to_store(
         encoder: the encoder named by ``store.spec.encoder_id``.
         gallery: the gallery named by ``store.spec.gallery_fingerprint``.
         store: where the chunks go (``EmbeddingStore.open_for``).
-        device, num_workers, amp: as for :func:`extract_embeddings`.
+        device, num_workers, amp, embedder: as for :func:`extract_embeddings`.
         progress: progress bar with images/s and ETA; it starts at the images already embedded.
 
     Raises:
-        ExtractionMismatchError: ``encoder`` or ``gallery`` is not the one the store was opened for.
+        ExtractionMismatchError: ``encoder``, ``gallery`` or the runtime is not the one the store was opened for.
     """
     spec = store.spec
     if str(encoder.encoder_id) != spec.encoder_id:
         raise ExtractionMismatchError(f"encoder {encoder.encoder_id} is not the store's encoder {spec.encoder_id}")
+    if embedder is not None and embedder.encoder_id != spec.encoder_id:
+        raise ExtractionMismatchError(f"{embedder!r} does not run the store's encoder {spec.encoder_id}")
     if len(gallery) != spec.gallery_count:
         raise ExtractionMismatchError(f"gallery has {len(gallery)} items, the store expects {spec.gallery_count}")
+    runtime = "torch" if embedder is None else embedder.runtime
     start = time.perf_counter()
     missing = store.missing_chunks()
+    if missing and runtime != spec.runtime:
+        raise ExtractionMismatchError(f"the store's chunks are embedded by {spec.runtime}, not {runtime}")
     chunks_before = len(spec.chunk_numbers()) - len(missing)
     plan: list[tuple[int, range]] = []  # (chunk, batch) in order; batches never straddle a chunk
     for chunk in missing:
@@ -189,15 +230,17 @@ def extract_to_store(
     pending = _ChunkBuffer(gallery)
     embedded = skipped_now = 0
     batches = [batch for _, batch in plan]
-    with progress_bar(spec.positions(), progress, completed=spec.positions() - remaining) as advance:
-        stream = embed_batches(encoder, gallery, batches, device, num_workers, amp)
+    stream = _stream(encoder, embedder, gallery, batches, device, num_workers, amp)
+    # Closing the stream on an error (a failed write, Ctrl-C) stops a feeder thread and its workers at once.
+    completed = spec.positions() - remaining
+    with progress_bar(spec.positions(), progress, completed=completed) as advance, contextlib.closing(stream):
         for (chunk, batch), (indices, embeddings, skipped) in zip(plan, stream, strict=True):
             pending.add(indices, embeddings, skipped)
             embedded, skipped_now = embedded + len(indices), skipped_now + len(skipped)
             if batch.stop == spec.chunk_positions(chunk).stop:
                 pending.write(store, chunk)
             advance(len(batch))
-    return StoreRun(chunks_before, len(missing), embedded, skipped_now, time.perf_counter() - start)
+    return StoreRun(chunks_before, len(missing), embedded, skipped_now, time.perf_counter() - start, spec.runtime)
 
 
 class _ChunkBuffer:
@@ -227,6 +270,20 @@ class _ChunkBuffer:
         self._reset()
 
 
+def _stream(
+    encoder: Encoder,
+    embedder: BatchEmbedder | None,
+    source: ImageSource,
+    batches: Sequence[Sequence[int]],
+    device: str | torch.device,
+    num_workers: int,
+    amp: bool,
+) -> Iterator[EmbeddedBatch]:
+    if embedder is not None:
+        return embedder.embed_batches(source, batches, num_workers)
+    return embed_batches(encoder, source, batches, device, num_workers, amp)
+
+
 def embed_batches(
     encoder: Encoder,
     source: ImageSource,
@@ -234,7 +291,7 @@ def embed_batches(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     amp: bool = True,
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+) -> Iterator[EmbeddedBatch]:
     """Embed ``source`` batch by batch, exactly the given batches in the given order.
 
     Worker processes decode and resize (``num_workers``) while the encoder runs; on CUDA the batches

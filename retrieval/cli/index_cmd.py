@@ -72,6 +72,20 @@ def _objective_option() -> Any:
     return typer.Option("f1", "--objective", help="Calibration objective with --calibrate: 'f1' or 'precision>=P'.")
 
 
+RUNTIME_HELP = (
+    "What runs the encoder while extracting. 'torch': PyTorch on --device. 'onnx': the encoder is exported to "
+    "ONNX once (checked against PyTorch: cosine >= 0.9999; kept in the extraction directory and reused on resume) "
+    "and run by ONNX Runtime on the CPU, about twice PyTorch's images/s there; honours --threads. 'auto': torch "
+    "when a CUDA device is used, else onnx when ONNX Runtime is installed and there are at least 256 images to "
+    "embed (fewer do not repay the export), else torch; an interrupted extraction continues with the runtime "
+    "it started with."
+)
+
+
+def _runtime_option() -> Any:
+    return typer.Option("auto", "--runtime", metavar="auto|onnx|torch", help=RUNTIME_HELP)
+
+
 def _device_option() -> Any:
     return typer.Option("auto", help="Torch device for extraction: auto (CUDA when visible), cpu, cuda, cuda:N.")
 
@@ -130,6 +144,7 @@ def build(
         False, "--keep-embeddings", help="Keep the chunk files after a successful build (default: removed)."
     ),
     device: str = _device_option(),
+    runtime: str = _runtime_option(),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images while the model runs."),
     amp: bool = _amp_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -153,6 +168,7 @@ def build(
         from retrieval.data.gallery import open_gallery
 
         _check_calibration_options(calibrate, objective)
+        _check_runtime(runtime)
         gallery = open_gallery(images)
         if shard is not None:
             if whiten is not None or whiten_dim is not None or whiten_images is not None:
@@ -164,14 +180,14 @@ def build(
                 slice_ = parse_shard(shard)
             except ValueError as exc:
                 raise fail(str(exc)) from None
-            options = ExtractOptions(batch_size, chunk_size, device, workers, amp, not as_json, restart)
+            options = ExtractOptions(batch_size, chunk_size, device, workers, amp, not as_json, restart, runtime)
             with _resume_hint(out):
                 run = extract_shard(encoder, gallery, out, slice_, options)
             _print_shard(out, slice_, run, as_json)
             return
         with _resume_hint(work_dir or default_work_dir(out)):
             extraction = _extraction_kwargs(
-                batch_size, chunk_size, device, workers, amp, as_json, work_dir, restart, keep_embeddings
+                batch_size, chunk_size, device, workers, amp, as_json, work_dir, restart, keep_embeddings, runtime
             )
             summary = build_index(
                 encoder,
@@ -247,6 +263,7 @@ def add(
     restart: bool = typer.Option(False, "--restart", help="Discard chunk files left by a different job."),
     keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Keep the chunk files afterwards."),
     device: str = _device_option(),
+    runtime: str = _runtime_option(),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
     amp: bool = _amp_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -262,10 +279,11 @@ def add(
         from indexing.extract_job import default_work_dir
         from retrieval.data.gallery import open_gallery
 
+        _check_runtime(runtime)
         gallery = open_gallery(images)
         with _resume_hint(work_dir or default_work_dir(index, "add-extract")):
             extraction = _extraction_kwargs(
-                batch_size, chunk_size, device, workers, amp, as_json, work_dir, restart, keep_embeddings
+                batch_size, chunk_size, device, workers, amp, as_json, work_dir, restart, keep_embeddings, runtime
             )
             summary = add_to_index(index, gallery, encoder, **extraction)
     result = {
@@ -276,6 +294,8 @@ def add(
         "count": summary.count,
         "seconds": round(summary.seconds, 2),
         "images_per_second": round(summary.extraction.images_per_second, 1),
+        "runtime": summary.extraction.runtime,
+        "runtime_reason": summary.extraction.runtime_reason,
         "whitening": summary.whitening,
     }
     if as_json:
@@ -287,7 +307,21 @@ def add(
         f"{summary.count} ({summary.seconds:.1f}s, {summary.extraction.images_per_second:.1f} img/s)",
         highlight=False,
     )
+    _print_runtime(summary.extraction)
     _print_skipped(len(summary.skipped), index)
+
+
+def _check_runtime(runtime: str) -> None:
+    """A bad --runtime fails before the gallery is opened, with the valid names."""
+    from indexing.extract_job import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise fail(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
+def _print_runtime(run: Any) -> None:
+    if run is not None and run.runtime_reason:
+        console.print(f"extraction runtime {run.runtime}: {run.runtime_reason}", highlight=False)
 
 
 def _check_calibration_options(labels: Path | None, objective: str) -> None:
@@ -326,6 +360,7 @@ def _extraction_kwargs(
     work_dir: Path | None,
     restart: bool,
     keep_embeddings: bool,
+    runtime: str,
 ) -> dict[str, Any]:
     """The extraction options ``build_index`` and ``add_to_index`` share, from the command's flags."""
     return {
@@ -338,6 +373,7 @@ def _extraction_kwargs(
         "work_dir": work_dir,
         "restart": restart,
         "keep_embeddings": keep_embeddings,
+        "runtime": runtime,
     }
 
 
@@ -363,10 +399,13 @@ def _print_shard(out: Path, shard: tuple[int, int], run: Any, as_json: bool) -> 
         "skipped": run.images_skipped,
         "seconds": round(run.seconds, 2),
         "images_per_second": round(run.images_per_second, 1),
+        "runtime": run.runtime,
+        "runtime_reason": run.runtime_reason,
     }
     if as_json:
         print_json(result)
         return
+    _print_runtime(run)
     console.print(
         f"shard {shard[0]}/{shard[1]}: embedded {run.images_embedded} images into {out} "
         f"({run.images_skipped} skipped, {run.chunks_before} chunks resumed, {run.images_per_second:.1f} img/s)",
@@ -385,6 +424,8 @@ def _print_build(summary: Any, out: Path, as_json: bool, calibration: Any = None
         "seconds": round(summary.seconds, 2),
         "chunks_resumed": run.chunks_before if run else None,
         "images_per_second": round(run.images_per_second, 1) if run else None,
+        "runtime": run.runtime if run else None,
+        "runtime_reason": run.runtime_reason if run else None,
         "factory": summary.factory,
         "factory_reason": summary.factory_reason,
         "search_params": summary.search_params,
@@ -403,6 +444,7 @@ def _print_build(summary: Any, out: Path, as_json: bool, calibration: Any = None
         f"indexed {summary.count} of {summary.images} images into {out} in {summary.seconds:.1f}s{speed}{resumed}",
         highlight=False,
     )
+    _print_runtime(run)
     console.print(f"index type {summary.factory}: {summary.factory_reason}", highlight=False)
     if summary.whitening is not None:
         console.print(_whitening_line(summary.whitening), highlight=False, soft_wrap=True)

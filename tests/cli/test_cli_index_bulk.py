@@ -97,3 +97,61 @@ def test_search_with_min_score_returns_everything_above_it(tiny_checkpoint, path
     assert [h["id"] for h in capped["results"][0]["hits"]] == [h["id"] for h in everything[:2]]
     both = _run(["search", "--index", str(index), query, "--min-score", "0.5", "--granularity", "fine"], code=2)
     assert "give one" in both
+
+
+def _stored_vectors(index: Path) -> np.ndarray:
+    """The vectors of an index, in id order (what the extraction produced)."""
+    from indexing.index_dir import open_index_dir
+
+    with open_index_dir(index) as directory:
+        ids, vectors = directory.index.reconstruct_all()
+    return vectors[np.argsort(ids)]
+
+
+def test_build_and_add_through_onnx_runtime_match_torch(tiny_checkpoint, path_list, tmp_path):
+    common = ["--encoder", str(tiny_checkpoint), "--images", str(path_list), "--batch-size", "8"]
+    torch_built = _json(["index", "build", *common, "--out", str(tmp_path / "torch"), "--runtime", "torch"])
+    onnx_built = _json(
+        ["index", "build", *common, "--out", str(tmp_path / "onnx"), "--runtime", "onnx", "--threads", "1"]
+    )
+    assert torch_built["runtime"] == "torch" and onnx_built["runtime"] == "onnx"
+    assert "ONNX Runtime" in onnx_built["runtime_reason"]
+    assert onnx_built["count"] == torch_built["count"] == 30 and onnx_built["skipped"] == 1
+    torch_vectors, onnx_vectors = _stored_vectors(tmp_path / "torch"), _stored_vectors(tmp_path / "onnx")
+    assert (torch_vectors * onnx_vectors).sum(axis=1).min() >= 0.9999
+    assert not (tmp_path / "onnx.extract").exists()  # chunks and the cached export go with the work directory
+
+    added = _json(["index", "add", str(tmp_path / "onnx"), "--images", str(path_list), "--runtime", "onnx"])
+    assert added["runtime"] == "onnx" and added["added"] == 30 and added["count"] == 60
+    text = _run(["index", "add", str(tmp_path / "torch"), "--images", str(path_list), "--runtime", "auto"])
+    assert "extraction runtime torch: 31 images to embed: too few" in text
+
+
+def test_shards_of_both_runtimes_merge_into_one_index(tiny_checkpoint, path_list, tmp_path):
+    common = ["--encoder", str(tiny_checkpoint), "--images", str(path_list), "--chunk-size", "8"]
+    onnx_shard = _json(
+        ["index", "build", *common, "--shard", "0/2", "--out", str(tmp_path / "s0"), "--runtime", "onnx"]
+    )
+    assert onnx_shard["runtime"] == "onnx"
+    assert json.loads((tmp_path / "s0" / "extraction.json").read_text())["runtime"] == "onnx"
+    _json(["index", "build", *common, "--shard", "1/2", "--out", str(tmp_path / "s1"), "--runtime", "torch"])
+    merged = _json(["index", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")])
+    assert merged["count"] == 30 and merged["skipped"] == 1
+
+    resumed = _run(
+        ["index", "build", *common, "--shard", "0/2", "--out", str(tmp_path / "s0"), "--runtime", "torch"], 2
+    )
+    assert "runtime: onnx vs torch" in resumed and "--runtime onnx" in resumed
+
+
+def test_runtime_flag_is_explained_and_checked(tiny_checkpoint, path_list, tmp_path):
+    from indexing.extract_job import AUTO_ONNX_MIN_IMAGES
+
+    for command in (["index", "build"], ["index", "add"]):
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        text = " ".join(result.output.replace("│", " ").split())  # rich wraps help inside a box
+        assert "auto|onnx|torch" in text and "ONNX Runtime on the CPU" in text
+        assert f"at least {AUTO_ONNX_MIN_IMAGES} images" in text and "--threads" in text
+    args = ["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(path_list), "--out", str(tmp_path)]
+    output = _run([*args, "--runtime", "tensorrt"], code=2)
+    assert "error: --runtime must be one of auto, torch, onnx, got 'tensorrt'" in " ".join(output.split())
