@@ -7,10 +7,10 @@ with a manifest naming the encoder that built it. ``merge_shards`` does the seco
 chunk directories of several ``--shard I/N`` runs.
 
 The index type is given or chosen (``factory="auto"``: ``choose_factory`` from the vector count
-and an optional memory budget, Flat below 50k vectors); an approximate index then has its
-search parameter (nprobe, efSearch) tuned to a target recall, using the original embeddings of a
-sample of the gallery as queries, and the choice, its reason and the tuned parameters go into
-the manifest.
+and the memory budget, by default half the machine's RAM; Flat below 50k vectors); an approximate
+index then has its search parameters (nprobe or efSearch, and k_factor for refine indexes) tuned to
+a target recall, with a sample of the gallery held out of the index as queries until tuning is done,
+and the choice, its reason, the tuned parameters and the recall measured go into the manifest.
 
 With ``whiten``, a descriptor whitening (``indexing.whitening``: "pca", "learned") is fitted after the
 extraction, on the gallery's own embeddings (and, for "learned", its finest label level) or on a separate
@@ -37,7 +37,7 @@ from indexing.extract import StoreRun, extract_embeddings
 from indexing.extract_job import ExtractOptions, Runtime, default_work_dir, extract_gallery
 from indexing.faiss_index import FaissIndex, TuneResult
 from indexing.index_dir import check_replaceable, write_index_dir
-from indexing.index_factory import choose_factory, parse_size
+from indexing.index_factory import choose_factory, default_memory_budget, parse_size
 from indexing.manifest import HistoryEntry, Manifest
 from indexing.whitening import WHITENING_METHODS, Whitening, fit_whitening
 from models.checkpoint import load_encoder
@@ -194,13 +194,19 @@ def make_index(
     target_recall: float = 0.95,
     *,
     num_tune_queries: int = TUNE_QUERIES,
+    tune_queries: np.ndarray | None = None,
     seed: int = 0,
 ) -> BuiltIndex:
     """Choose (for "auto"), train, fill and tune a FAISS index over L2-normalised ``vectors`` with ``ids``.
 
-    Tuning queries are the original embeddings of a seeded sample of the gallery, each left out of
-    its own results: decoded PQ/SQ vectors would sit too close to their IVF centroid and
-    under-estimate nprobe (see ``FaissIndex.tune``).
+    With "auto" and no ``memory_budget``, the budget is ``default_memory_budget()`` (half the RAM),
+    and the reason recorded in the manifest says so.
+
+    Tuning queries are held out: a seeded sample of the gallery is added only after tuning, so the
+    queries are truly absent from the index they are searched in, as real queries are (tuning on
+    stored items with themselves left out lands a little under the target on real queries). Their
+    original embeddings are used, not decoded codes, which would sit too close to their IVF centroid
+    and under-estimate nprobe. ``tune_queries`` replaces that sample with explicit queries.
 
     Args:
         vectors: ``(N, dim)`` unit vectors.
@@ -208,7 +214,8 @@ def make_index(
         factory: a ``faiss.index_factory`` string, or "auto" for ``choose_factory``.
         memory_budget: bytes (or text like "2GB") the index may use; only with "auto".
         target_recall: recall@10 the tuned search parameters must reach, in (0, 1].
-        num_tune_queries: gallery embeddings used as tuning queries.
+        num_tune_queries: gallery embeddings held out as tuning queries (at most half the gallery).
+        tune_queries: ``(Q, dim)`` unit vectors to tune with instead (e.g. real query embeddings).
         seed: seeds the training and query samples.
 
     Raises:
@@ -216,11 +223,15 @@ def make_index(
             vectors to train the index.
     """
     vectors = np.asarray(vectors)
+    ids = np.asarray(ids)
     budget = _budget(memory_budget, factory)
     _check_target(target_recall)
     if factory == AUTO_FACTORY:
+        note = None
+        if budget is None:
+            budget, note = default_memory_budget(), "the default: half of this machine's RAM; --memory-budget sets it"
         try:
-            choice = choose_factory(len(vectors), vectors.shape[1], budget)
+            choice = choose_factory(len(vectors), vectors.shape[1], budget, budget_note=note)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         factory, reason = choice.factory, f"auto: {choice.reason}"
@@ -229,13 +240,28 @@ def make_index(
     logger.info("index type %s (%s)", factory, reason)
     index = FaissIndex(vectors.shape[1], factory)
     index.train(vectors, seed=seed)
-    index.add(vectors, ids)
     tuning = None
-    if factory != "Flat" and len(vectors) > 1:
+    if factory == "Flat" or len(vectors) < 2:
+        index.add(vectors, ids)
+    elif tune_queries is not None:
+        index.add(vectors, ids)
+        tuning = index.tune(tune_queries, target_recall, seed=seed)
+    else:
+        held = np.zeros(len(vectors), bool)
         rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(len(vectors), size=min(num_tune_queries, len(vectors)), replace=False))
-        tuning = index.tune(vectors[rows], target_recall, query_ids=np.asarray(ids)[rows], seed=seed)
-        logger.info("tuned %s: %s, recall@%d %.3f", factory, tuning.params.to_dict(), tuning.k, tuning.recall)
+        held[rng.choice(len(vectors), size=max(1, min(num_tune_queries, len(vectors) // 2)), replace=False)] = True
+        index.add(vectors[~held], ids[~held])
+        tuning = index.tune(vectors[held], target_recall, seed=seed)
+        index.add(vectors[held], ids[held])
+    if tuning is not None:
+        logger.info(
+            "tuned %s: %s, recall@%d %.3f on %d held-out queries",
+            factory,
+            tuning.params.to_dict(),
+            tuning.k,
+            tuning.recall,
+            tuning.num_queries,
+        )
     return BuiltIndex(index, factory, reason, tuning)
 
 
@@ -295,7 +321,8 @@ def build_index(
         device: where the encoder runs.
         num_workers: DataLoader workers decoding images.
         progress: show a progress bar.
-        memory_budget: bytes, or text like "2GB", the index may take; only with ``factory="auto"``.
+        memory_budget: bytes, or text like "2GB", the index may take; only with ``factory="auto"``; None: half
+            the machine's RAM (``indexing.index_factory.default_memory_budget``).
         target_recall: recall@10 an approximate index's search parameters are tuned to.
         chunk_size: gallery positions per chunk file.
         work_dir: the extraction directory; default ``OUT.extract`` beside the index.

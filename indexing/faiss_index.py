@@ -8,8 +8,15 @@ search; IVF/PQ strings need ``train`` first). As the FAISS wiki recommends, IVF 
 (``IVFk,...``, with or without an OPQ/PCA pre-transform) store the ids in their inverted lists
 (``add_with_ids``), and every other type is wrapped in an ``IndexIDMap2``.
 
-Search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW) are stored in the index as
-defaults, can be tuned for a target recall (``tune``) and overridden per call with
+FAISS's refine family ("IVF4096_HNSW32,PQ64x4fs,RFlat", "...,Refine(SQfp16)", "HNSW32_SQ8,RFlat") is
+supported: a fast approximate base index (often 4-bit PQ fast-scan) proposes ``k * k_factor`` candidates
+that are re-ranked with the vectors of a second, more exact store (full floats, fp16 or SQ8). Such an
+``IndexRefine`` takes no ids itself, so it is wrapped in an ``IndexIDMap2`` like the other non-IVF
+types; ``reconstruct`` returns the refine store's vectors (exact for RFlat, decoded for SQ), and the
+recall that tuning measures is against exact search over those.
+
+Search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW, ``k_factor`` for refine) are stored
+in the index as defaults, can be tuned for a target recall (``tune``) and overridden per call with
 ``SearchParams``. Where faiss-gpu is installed and a GPU is visible, training, adding and
 searching run on a GPU replica, while the CPU index stays the copy that is saved and read.
 """
@@ -54,6 +61,22 @@ _RANGE_FALLBACK_K = 64
 _GPU_MAX_K = 2048
 #: Largest efSearch ``tune`` tries.
 _MAX_EF_SEARCH = 4096
+#: Re-ranking depths ``tune`` tries for refine indexes (candidates re-ranked = k * k_factor). Below 2
+#: the refine store is wasted; above 64 re-ranking (a random access per candidate) costs more than
+#: a wider base search.
+_K_FACTORS = (2, 4, 8, 16, 32, 64)
+#: From this many IVF lists on, the coarse quantiser is trained by two-level k-means (sqrt(nlist)
+#: groups, then sqrt(nlist) lists inside each): a flat k-means over 4096+ centroids costs
+#: O(sample x nlist x d) per iteration, tens of minutes on two cores at 1M x 512, the two-level one
+#: ~sqrt(nlist) times less (faiss.contrib.clustering, the recipe FAISS uses for its billion-scale indexes).
+TWO_LEVEL_MIN_NLIST = 2048
+#: k-means iterations of each level of the two-level coarse training (FAISS's IVF default is 10 as well).
+_TWO_LEVEL_NITER = 10
+#: efSearch of the HNSW graph over IVF centroids ("IVF4096_HNSW32"). FAISS's default of 16 sends ~3% of
+#: vectors to a list that is not their nearest when they are added (measured on bench_index.py's 512-d
+#: vectors, 4096 centroids: 96.9% exact at 16, 99.4% at 32, 99.97% at 64), which caps recall@10 near
+#: 0.93 whatever nprobe; 64 costs a few more distance computations per add and per query.
+COARSE_EF_SEARCH = 64
 
 Device = Literal["auto", "cpu", "gpu"]
 
@@ -94,29 +117,39 @@ class SearchParams:
     Attributes:
         nprobe: inverted lists visited per query (IVF types); more is slower and more exact.
         ef_search: candidate-list size of the graph search (HNSW types, FAISS's ``efSearch``).
+        k_factor: re-ranking depth of refine indexes (``...,RFlat``, ``...,Refine(SQ8)``): the base index
+            proposes ``k * k_factor`` candidates that the refine store re-scores; more is slower and more exact.
     """
 
     nprobe: int | None = None
     ef_search: int | None = None
+    k_factor: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "ef_search"):
+        for name in ("nprobe", "ef_search", "k_factor"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
 
     def to_dict(self) -> dict[str, int]:
-        """The set parameters under FAISS's names (``nprobe``, ``efSearch``), for the manifest."""
-        out = {"nprobe": self.nprobe, "efSearch": self.ef_search}
+        """The set parameters under FAISS's names (``nprobe``, ``efSearch``, ``k_factor``), for the manifest.
+
+        Unset parameters are left out, so manifests written before ``k_factor`` existed read back unchanged.
+        """
+        out = {"nprobe": self.nprobe, "efSearch": self.ef_search, "k_factor": self.k_factor}
         return {key: int(value) for key, value in out.items() if value is not None}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, int]) -> SearchParams:
-        """Inverse of ``to_dict``; accepts ``efSearch`` or ``ef_search``."""
-        unknown = set(values) - {"nprobe", "efSearch", "ef_search"}
+        """Inverse of ``to_dict``; accepts ``efSearch`` or ``ef_search``, and manifests without ``k_factor``."""
+        unknown = set(values) - {"nprobe", "efSearch", "ef_search", "k_factor"}
         if unknown:
-            raise ValueError(f"unknown search parameters {sorted(unknown)}; valid: nprobe, efSearch")
-        return cls(nprobe=values.get("nprobe"), ef_search=values.get("efSearch", values.get("ef_search")))
+            raise ValueError(f"unknown search parameters {sorted(unknown)}; valid: nprobe, efSearch, k_factor")
+        return cls(
+            nprobe=values.get("nprobe"),
+            ef_search=values.get("efSearch", values.get("ef_search")),
+            k_factor=values.get("k_factor"),
+        )
 
 
 @dataclass(frozen=True)
@@ -124,12 +157,15 @@ class TuneResult:
     """What ``FaissIndex.tune`` chose.
 
     Attributes:
-        params: the smallest parameters that reached ``target_recall`` (or the largest tried if none did).
+        params: the cheapest parameters that reached ``target_recall`` (or the largest tried if none did);
+            for refine indexes the (nprobe or efSearch, k_factor) pair of least estimated cost.
         recall: recall@k measured with ``params`` against exact search over the index's own vectors.
         target_recall: the recall asked for.
         k: neighbours per query the recall is measured at.
         reached: whether ``recall >= target_recall``.
         num_queries: queries the recall was averaged over.
+        held_out: True when the queries were not stored in the index (held-out vectors), False when they
+            were stored items left out of their own results.
     """
 
     params: SearchParams
@@ -138,6 +174,7 @@ class TuneResult:
     k: int
     reached: bool
     num_queries: int
+    held_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,7 +229,8 @@ class FaissIndex:
     Args:
         dim: embedding dimension.
         factory: ``faiss.index_factory`` description ("Flat" = exact; "HNSW32"; "IVF1024,Flat";
-            "IVF4096,PQ64"; "OPQ64,IVF4096,PQ64" ...); ``indexing.index_factory.choose_factory``
+            "IVF4096,PQ64"; "OPQ64,IVF4096,PQ64"; refine: "IVF4096_HNSW32,PQ128x4fs,RFlat",
+            "...,Refine(SQ8)", "HNSW32_SQ8,RFlat" ...); ``indexing.index_factory.choose_factory``
             picks one from the gallery size and a memory budget.
         device: "auto" uses a GPU when faiss-gpu sees one, "cpu" never does, "gpu" requires one.
 
@@ -211,6 +249,9 @@ class FaissIndex:
             raise ConfigError(f"invalid FAISS index factory string {factory!r}: {exc}") from exc
         if isinstance(inner, faiss.IndexIDMap):
             raise ConfigError(f"factory {factory!r}: leave out IDMap, FaissIndex maps ids itself")
+        coarse = _ivf_of(inner)
+        if coarse is not None and isinstance(faiss.downcast_index(coarse.quantizer), faiss.IndexHNSW):
+            faiss.downcast_index(coarse.quantizer).hnsw.efSearch = COARSE_EF_SEARCH
         index = inner if _takes_ids_natively(inner) else faiss.IndexIDMap2(inner)
         self._setup(index, factory, device)
 
@@ -264,6 +305,11 @@ class FaissIndex:
         return not isinstance(self._index, _faiss().IndexIDMap)
 
     @property
+    def is_refine(self) -> bool:
+        """True for refine indexes (``...,RFlat``, ``...,Refine(SQ8)``): candidates re-ranked from a second store."""
+        return _refine_of(self._index) is not None
+
+    @property
     def nlist(self) -> int | None:
         """Number of IVF lists, None for non-IVF types."""
         ivf = _ivf_of(self._index)
@@ -287,7 +333,10 @@ class FaissIndex:
         return np.concatenate(parts)
 
     def reconstruct_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """All stored ``(ids, vectors)``, in ``ids()`` order; exact for Flat/HNSW/IVF-Flat, decoded for PQ/SQ."""
+        """All stored ``(ids, vectors)``, in ``ids()`` order; exact for Flat/HNSW/IVF-Flat, decoded for PQ/SQ.
+
+        Refine indexes return their refine store's vectors (exact for RFlat, decoded for SQfp16/SQ8).
+        """
         ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, self.dim), np.float32)]
 
         def collect(chunk_ids: np.ndarray, chunk: np.ndarray) -> None:
@@ -339,6 +388,7 @@ class FaissIndex:
             vectors = vectors[rows]
         logger.info("training %s on %d sample vectors%s", self.factory, len(vectors), " on GPU" if self.on_gpu else "")
         try:
+            self._train_coarse_two_level(vectors, seed)
             if self.on_gpu:
                 self._gpu.train(vectors)
                 self._index = _faiss().index_gpu_to_cpu(self._gpu)
@@ -346,6 +396,26 @@ class FaissIndex:
                 self._index.train(vectors)
         except RuntimeError as exc:  # e.g. fewer training vectors than IVF centroids
             raise ConfigError(f"index {self.factory!r} cannot be trained on {len(vectors)} vectors: {exc}") from exc
+
+    def _train_coarse_two_level(self, vectors: np.ndarray, seed: int) -> None:
+        """Fill a large IVF's coarse quantiser by two-level k-means; FAISS then trains only the codes.
+
+        Only on CPU, from ``TWO_LEVEL_MIN_NLIST`` lists on (see there), and without a pre-transform
+        (OPQ, PCA), whose space is only known once FAISS has trained it. FAISS's IVF skips its own
+        k-means when the quantiser already holds ``nlist`` centroids. The k-means is spherical for
+        inner-product indexes, as FAISS's own IVF training is.
+        """
+        ivf = _ivf_of(self._index)
+        if self.on_gpu or ivf is None or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal:
+            return
+        if len(vectors) < ivf.nlist:  # FAISS's own training then refuses it with its usual message
+            return
+        if _has_pretransform(self._index):
+            return
+        nlist = int(ivf.nlist)
+        spherical = ivf.metric_type == _faiss().METRIC_INNER_PRODUCT
+        ivf.quantizer.add(_two_level_kmeans(vectors, nlist, spherical=spherical, seed=seed))
+        logger.info("trained the %d-list coarse quantiser of %s by two-level k-means", nlist, self.factory)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add L2-normalised vectors under the given int64 ids.
@@ -396,10 +466,11 @@ class FaissIndex:
     @property
     def default_params(self) -> SearchParams:
         """The search parameters stored in the index (and saved with it) that ``search`` uses by default."""
-        ivf, hnsw = _ivf_of(self._index), _hnsw_of(self._index)
+        ivf, hnsw, refine = _ivf_of(self._index), _hnsw_of(self._index), _refine_of(self._index)
         return SearchParams(
             nprobe=None if ivf is None else int(ivf.nprobe),
             ef_search=None if hnsw is None else int(hnsw.efSearch),
+            k_factor=None if refine is None else max(1, round(float(refine.k_factor))),
         )
 
     def set_default_params(self, params: SearchParams) -> None:
@@ -407,6 +478,9 @@ class FaissIndex:
         self._search_parameters(params)  # validates that they apply to this index type
         faiss = _faiss()
         for name, value in params.to_dict().items():
+            if name == "k_factor":  # ParameterSpace's name for IndexRefine's (its "k_factor" is IVFPQR's)
+                _refine_of(self._index).k_factor = float(value)
+                continue
             faiss.ParameterSpace().set_index_parameter(self._index, name, value)
             if self._gpu is not None:
                 faiss.GpuParameterSpace().set_index_parameter(self._gpu, name, value)
@@ -443,7 +517,13 @@ class FaissIndex:
 
     @property
     def supports_range_search(self) -> bool:
-        """Whether FAISS implements range search for this index type on CPU (not for NSG, PQ fast-scan, shards ...)."""
+        """Whether FAISS implements range search for this index type on CPU (not for NSG, PQ fast-scan, shards ...).
+
+        Refine indexes never use FAISS's: it would filter on the base index's approximate scores (or, over
+        fast-scan, not run at all), not on the re-ranked ones ``search`` returns.
+        """
+        if self.is_refine:
+            return False
         try:
             _numpy_method(self._index, "range_search")(np.zeros((0, self.dim), np.float32), 0.0)
         except RuntimeError:
@@ -536,6 +616,8 @@ class FaissIndex:
     ) -> TuneResult:
         """Find the smallest ``nprobe`` (IVF) or ``efSearch`` (HNSW) reaching ``target_recall`` at ``k``.
 
+        For refine indexes, the cheapest pair of that parameter and ``k_factor`` (see ``_tune_refine``).
+
         Ground truth is an exact scan of the index's own stored (for PQ/SQ: decoded) vectors, so
         the recall measures what the search parameter controls, the part of the index left
         unvisited, and not the compression loss no parameter can undo. The value is found by
@@ -587,7 +669,9 @@ class FaissIndex:
             return recall_at_k(_drop_self(found, exclude, k_eff), truth)
 
         knob = self._knob(k_eff + extra)
-        if knob is None:
+        if self.is_refine:
+            params, recall = self._tune_refine(knob, measure, target_recall, k_eff)
+        elif knob is None:
             params = SearchParams()
             recall = measure(params)
         else:
@@ -598,7 +682,74 @@ class FaissIndex:
             logger.warning("tune: %s reaches recall@%d %.3f < target %.3f", self.factory, k_eff, recall, target_recall)
         if apply and params.to_dict():
             self.set_default_params(params)
-        return TuneResult(params, recall, float(target_recall), k_eff, reached, len(queries))
+        return TuneResult(params, recall, float(target_recall), k_eff, reached, len(queries), held_out=exclude is None)
+
+    def _tune_refine(
+        self,
+        knob: tuple[str, int, int] | None,
+        measure: Callable[[SearchParams], float],
+        target: float,
+        k: int,
+    ) -> tuple[SearchParams, float]:
+        """The cheapest (nprobe or efSearch, k_factor) pair of a refine index reaching ``target``.
+
+        "Cheapest" is the estimate of bytes a query reads (``_refine_costs``): the base index's codes
+        it scans plus the ``k * k_factor`` refine-store vectors it re-ranks. A deterministic model rather
+        than a timing, so the same build tunes the same way on a busy machine. For each k_factor, largest
+        first, the smallest base parameter reaching the target is found by doubling and bisection; a
+        smaller k_factor never needs a smaller base parameter, so each search starts where the previous
+        one ended and stops where it could no longer beat the best pair found.
+        """
+        base_cost, refine_cost = self._refine_costs(k)
+        if knob is None:  # a flat base (e.g. "PQ32x4fs,RFlat"): only the re-ranking depth to choose
+            return _smallest_passing(lambda v: SearchParams(k_factor=v), measure, 1, max(_K_FACTORS), target)
+        name, low, high = knob
+        best: tuple[float, SearchParams, float] | None = None
+        last: tuple[SearchParams, float] | None = None
+        for k_factor in sorted(_K_FACTORS, reverse=True):
+            cap = high
+            if best is not None:
+                cap = min(high, int((best[0] - refine_cost * k_factor) / base_cost))
+            if cap < low:
+                break
+
+            def make(value: int, k_factor: int = k_factor) -> SearchParams:
+                return SearchParams(**{name: value, "k_factor": k_factor})
+
+            params, recall = _smallest_passing(make, measure, low, cap, target)
+            value = getattr(params, name)
+            if last is None:
+                last = (params, recall)
+            if recall < target:
+                low = cap + 1  # fails up to cap with this depth, so with any smaller depth too
+                continue
+            low = value
+            cost = base_cost * value + refine_cost * k_factor
+            if best is None or cost < best[0]:
+                best = (cost, params, recall)
+        if best is None:
+            assert last is not None
+            return last
+        return best[1], best[2]
+
+    def _refine_costs(self, k: int) -> tuple[float, float]:
+        """Bytes read per query per unit of the base parameter, and per unit of k_factor (``k`` re-ranked vectors).
+
+        IVF: one nprobe scans ``ntotal / nlist`` codes of the base's code size; HNSW: one efSearch step
+        visits about ``2 M`` neighbours' codes; re-ranking reads ``k`` refine-store vectors per unit of k_factor.
+        """
+        refine = _refine_of(self._index)
+        base = _unwrap(self._index)
+        ivf = _ivf_of(self._index)
+        refine_cost = float(k * _faiss().downcast_index(refine.refine_index).sa_code_size())
+        if ivf is not None:
+            base_cost = max(self.ntotal / max(int(ivf.nlist), 1), 1.0) * max(int(ivf.code_size), 1)
+        else:
+            hnsw = _hnsw_of(self._index)
+            links = int(hnsw.nb_neighbors(0)) if hnsw is not None else 1
+            storage = _faiss().downcast_index(base.storage) if hnsw is not None else base
+            base_cost = float(max(links, 1) * max(int(storage.sa_code_size()), 1))
+        return base_cost, refine_cost
 
     def _knob(self, k: int) -> tuple[str, int, int] | None:
         """The tunable parameter of this index type, with its smallest and largest useful value for ``k``."""
@@ -674,6 +825,9 @@ class FaissIndex:
         if _hnsw_of(index) is not None:
             logger.info("%s stays on CPU: faiss-gpu has no HNSW index", self.factory)
             return None
+        if _refine_of(index) is not None or _is_fast_scan(index):
+            logger.info("%s stays on CPU: faiss-gpu has no refine or 4-bit fast-scan index", self.factory)
+            return None
         try:
             replica = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
         except RuntimeError as exc:
@@ -689,17 +843,29 @@ class FaissIndex:
         if params is None or not params.to_dict():
             return None
         faiss = _faiss()
-        ivf, hnsw = _ivf_of(self._index), _hnsw_of(self._index)
+        ivf, hnsw, refine = _ivf_of(self._index), _hnsw_of(self._index), _refine_of(self._index)
         if params.nprobe is not None and ivf is None:
             raise ValueError(f"nprobe applies to IVF indexes; {self.factory!r} is not one")
         if params.ef_search is not None and hnsw is None:
             raise ValueError(f"ef_search applies to HNSW indexes; {self.factory!r} is not one")
-        if ivf is not None:
-            out = faiss.SearchParametersIVF()
-            out.nprobe = min(int(params.nprobe), int(ivf.nlist))
-            return out
-        out = faiss.SearchParametersHNSW()
-        out.efSearch = int(params.ef_search)
+        if params.k_factor is not None and refine is None:
+            raise ValueError(
+                f"k_factor applies to refine indexes (...,RFlat / ...,Refine(...)); {self.factory!r} is not one"
+            )
+        base = None
+        if params.nprobe is not None:
+            base = faiss.SearchParametersIVF()
+            base.nprobe = min(int(params.nprobe), int(ivf.nlist))
+        elif params.ef_search is not None:
+            base = faiss.SearchParametersHNSW()
+            base.efSearch = int(params.ef_search)
+        if refine is None:
+            return base
+        out = faiss.IndexRefineSearchParameters()
+        out.k_factor = float(params.k_factor if params.k_factor is not None else refine.k_factor)
+        if base is not None:
+            out.base_index_params = base
+            out.referenced = base  # the SWIG field holds a bare pointer: keep the Python object alive with it
         return out
 
     @contextmanager
@@ -707,8 +873,8 @@ class FaissIndex:
         """Let an IVF index look vectors up by id for the duration (a hash table for native ids)."""
         faiss = _faiss()
         ivf = _ivf_of(self._index)
-        if ivf is None or ivf.direct_map.type != faiss.DirectMap.NoMap:
-            yield
+        if ivf is None or ivf.direct_map.type != faiss.DirectMap.NoMap or _refine_of(self._index) is not None:
+            yield  # refine indexes reconstruct from their refine store, by position, through the id map
             return
         kind = faiss.DirectMap.Hashtable if self.native_ids else faiss.DirectMap.Array
         with self._lock:
@@ -746,13 +912,81 @@ class FaissIndex:
         return f"FaissIndex(dim={self.dim}, factory={self.factory!r}, ntotal={self.ntotal})"
 
 
-def _unwrap(index: Any) -> Any:
-    """The index under id maps and pre-transforms (OPQ, PCA), downcast to its concrete type."""
+def _two_level_kmeans(vectors: np.ndarray, nlist: int, *, spherical: bool, seed: int) -> np.ndarray:
+    """``nlist`` k-means centroids in two levels: ~sqrt(nlist) groups, then each group's share of the lists.
+
+    Each group gets lists in proportion to its size (at least one, and no more than its points), so the
+    final lists are balanced like a flat k-means's; the cost is about 2 sqrt(nlist) instead of nlist
+    distance computations per point and iteration.
+    """
+    faiss = _faiss()
+    d = vectors.shape[1]
+    groups = min(max(2, round(nlist**0.5)), len(vectors))
+    top = faiss.Kmeans(d, groups, niter=_TWO_LEVEL_NITER, spherical=spherical, seed=seed, max_points_per_centroid=2048)
+    top.train(vectors)
+    assign = top.index.search(vectors, 1)[1].ravel()
+    sizes = np.bincount(assign, minlength=groups)
+    shares = np.maximum(np.floor(sizes / sizes.sum() * nlist).astype(int), (sizes > 0).astype(int))
+    shares = np.minimum(shares, sizes)
+    for group in np.argsort(-sizes):  # hand out the rounding remainder to the largest groups
+        if shares.sum() >= nlist:
+            break
+        shares[group] += min(nlist - shares.sum(), sizes[group] - shares[group])
+    parts = []
+    for group in np.flatnonzero(shares):
+        members = np.ascontiguousarray(vectors[assign == group])
+        if shares[group] == len(members):
+            parts.append(members)
+            continue
+        sub = faiss.Kmeans(
+            d, int(shares[group]), niter=_TWO_LEVEL_NITER, spherical=spherical, seed=int(seed + 1 + group)
+        )
+        sub.train(members)
+        parts.append(sub.centroids)
+    centroids = np.ascontiguousarray(np.concatenate(parts)[:nlist], dtype=np.float32)
+    if len(centroids) < nlist:
+        raise RuntimeError(f"two-level k-means found {len(centroids)} of {nlist} lists: too few training vectors")
+    return centroids
+
+
+def _layers(index: Any) -> Iterator[Any]:
+    """The index and every wrapper below it (id map, pre-transform, refine's base), outermost first, downcast."""
     faiss = _faiss()
     index = faiss.downcast_index(index)
-    while isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
-        index = faiss.downcast_index(index.index)
-    return index
+    while True:
+        yield index
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        else:
+            return
+
+
+def _unwrap(index: Any) -> Any:
+    """The searching index under id maps, pre-transforms (OPQ, PCA) and refine wrappers, as its concrete type.
+
+    For a refine index this is the base index (IVF or HNSW) whose nprobe / efSearch ``tune`` sets.
+    """
+    *_, inner = _layers(index)
+    return inner
+
+
+def _refine_of(index: Any) -> Any:
+    """The ``IndexRefine`` (or ``IndexRefineFlat``) inside ``index``, or None."""
+    faiss = _faiss()
+    return next((layer for layer in _layers(index) if isinstance(layer, faiss.IndexRefine)), None)
+
+
+def _has_pretransform(index: Any) -> bool:
+    faiss = _faiss()
+    return any(isinstance(layer, faiss.IndexPreTransform) for layer in _layers(index))
+
+
+def _is_fast_scan(index: Any) -> bool:
+    """4-bit PQ fast-scan ("PQ64x4fs"): packed codes scanned with SIMD lookups; CPU only."""
+    faiss = _faiss()
+    return isinstance(_unwrap(index), (faiss.IndexIVFFastScan, faiss.IndexFastScan))
 
 
 def _takes_ids_natively(index: Any) -> bool:

@@ -1,19 +1,31 @@
-"""Choose a FAISS index type from the gallery size and a memory budget, following FAISS's own guidance.
+"""Choose a FAISS index type from the gallery size and a memory budget, from measurements on this engine's data.
 
-The rules transcribe the FAISS wiki page "Guidelines to choose an index"
-(https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-index), in the order the page
-asks its questions: exact search while it is cheap, then HNSW while memory is not a concern, then
-IVF with decreasing storage per vector (uncompressed, 8-bit scalar quantisation, product
-quantisation) as the memory budget tightens. autofaiss follows the same page; it is a reference
-only, since it pins numpy < 2. Everything here is pure arithmetic on counts and bytes: nothing
-imports faiss, so a choice can be printed, tested and recorded in the manifest before any index
-exists.
+The order of questions follows the FAISS wiki page "Guidelines to choose an index"
+(https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-index): exact search while
+it is cheap, then the fastest index that reaches the recall target within the memory budget, with
+storage per vector decreasing as the budget tightens. Which index is fastest was measured by
+``benchmarks/bench_index.py`` (clustered 512-d unit vectors, recall@10 against exact search, 2-core
+CPU; tables in ``docs/index_types.md``):
+
+- at 200k and 1M vectors an IVF with an HNSW graph over its centroids, 4-bit PQ fast-scan codes
+  ("PQ{d/4}x4fs", SIMD table lookups over packed codes) and exact re-ranking of ``k * k_factor``
+  candidates from a refine store beat HNSW32 by an order of magnitude at the same recall
+  (``MEASURED_1M`` holds the 1M figures the reason strings quote);
+- the refine store is what memory buys: full floats ("RFlat", 4d bytes/vector), fp16
+  ("Refine(SQfp16)", 2d) or 8-bit scalar codes ("Refine(SQ8)", d), the latter two within a point of
+  recall of full floats on the same base;
+- without room for any refine store, plain 8-bit PQ codes ("IVFk,PQmnp") of the largest size that fits.
+
+Everything here is pure arithmetic on counts and bytes: nothing imports faiss, so a choice can be
+printed, tested and recorded in the manifest before any index exists.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from retrieval.config import ConfigError
@@ -21,6 +33,7 @@ from retrieval.config import ConfigError
 __all__ = [
     "FactoryChoice",
     "choose_factory",
+    "default_memory_budget",
     "estimate_index_bytes",
     "ivf_nlist",
     "parse_size",
@@ -31,12 +44,31 @@ __all__ = [
 #: query, and no training sample or tuning is needed. The wiki's "Will you perform few searches?" /
 #: "Do you need exact results?" answer is "Flat"; autofaiss uses a similar cut-off.
 EXACT_MAX_VECTORS = 50_000
-#: HNSW is "the best option if you have a lot of RAM or the dataset is small" (wiki, "Is memory a
-#: concern? If not"); its build time grows quickly with N, so above this size IVF is chosen even
-#: when HNSW would fit.
-HNSW_MAX_VECTORS = 1_000_000
-#: Links per vector of the HNSW graph (wiki: 4 <= M <= 64; 32 is its usual example and autofaiss's default).
+#: Links per vector of an HNSW graph, here the one over the IVF centroids (wiki: 4 <= M <= 64; 32 is
+#: its usual example and autofaiss's default).
 HNSW_M = 32
+#: Dimensions per 4-bit sub-quantiser of the fast-scan PQ: PQ128x4fs at d = 512, 64 bytes per vector.
+#: In an exploratory 1M x 512 run of bench_index.py's vectors (nprobe 128), PQ64x4fs (8 dims each) needed
+#: k_factor 16 to come within 0.03 of PQ128x4fs's recall at k_factor 8: the longer codes rank better.
+FAST_SCAN_DIMS_PER_CODE = 4
+#: Vectors per block of fast-scan codes; a list's last block is padded to it.
+FAST_SCAN_BLOCK = 32
+#: Refine stores from the most to the least memory: factory suffix and a description for the reason.
+REFINE_STORES = (
+    ("RFlat", "the full float32 vectors"),
+    ("Refine(SQfp16)", "float16 copies (half the memory of full floats, the same ranking)"),
+    ("Refine(SQ8)", "8-bit scalar codes (a quarter of full floats)"),
+)
+#: Bytes per dimension of each refine store (the ``Refine(...)`` argument, "Flat" for "RFlat").
+REFINE_BYTES_PER_DIM = {"Flat": 4.0, "SQfp16": 2.0, "SQbf16": 2.0, "SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5}
+#: What bench_index.py measured at 1M x 512 for the refine family, quoted in the reason strings.
+MEASURED_1M = (
+    "measured at 1M x 512 (bench_index.py, 2 shared CPU cores): recall@10 0.99 at over 200x exact search's "
+    "queries/s with any of the three refine stores"
+)
+#: ``default_memory_budget``: this fraction of physical RAM, or this many bytes where it is unknown.
+DEFAULT_BUDGET_FRACTION = 0.5
+FALLBACK_MEMORY_BUDGET = 4 * 10**9
 #: From this size on, nlist = 16 sqrt(N) and the coarse quantiser is itself an HNSW graph
 #: (wiki, "How big is the dataset?": "IVF65536_HNSW32" for 10M vectors and more).
 LARGE_VECTORS = 10_000_000
@@ -108,9 +140,12 @@ def _pq_factory(prefix: str, dim: int, m: int) -> str:
 def estimate_index_bytes(factory: str, num_vectors: int, dim: int) -> int:
     """Rough memory of a filled index with the engine's ids; the sizes ``choose_factory`` compares with the budget.
 
-    Per vector: Flat 4d, HNSW 4d + 8M (the wiki's formula), IVF-Flat 4d, SQ8 d, PQm m bytes; plus
-    8 bytes of id in IVF lists or ``IDMAP_BYTES_PER_VECTOR`` for the id map of other types; plus
-    the IVF centroids, PQ codebooks and OPQ matrix.
+    Per vector: Flat 4d, HNSW 4d + 8M (the wiki's formula), IVF-Flat 4d, SQ8 d, SQfp16 2d, PQm m bytes
+    (m/2 for 4-bit "PQmx4fs" codes, packed two per byte); plus 8 bytes of id in IVF lists, or
+    ``IDMAP_BYTES_PER_VECTOR`` for the id map of other types (refine indexes have both); plus a refine
+    store ("RFlat" 4d, "Refine(SQfp16)" 2d, "Refine(SQ8)" d). Fixed parts: the IVF centroids (with the
+    HNSW graph over them for "IVFk_HNSWM"), half a 32-vector block of padding per list for fast-scan,
+    PQ codebooks, the OPQ matrix.
     """
     n, d = int(num_vectors), int(dim)
     parts = _parse(factory)
@@ -124,7 +159,14 @@ def estimate_index_bytes(factory: str, num_vectors: int, dim: int) -> int:
     per_vector = code + (IVF_ID_BYTES if ivf else IDMAP_BYTES_PER_VECTOR)
     if parts.hnsw is not None and not ivf:
         per_vector += 2 * parts.hnsw * 4
-    fixed = 4 * d * (parts.nlist or 0)
+    if parts.refine is not None:
+        per_vector += REFINE_BYTES_PER_DIM.get(parts.refine, 4.0) * d + (IDMAP_BYTES_PER_VECTOR if ivf else 0)
+    nlist = parts.nlist or 0
+    fixed = 4 * d * nlist
+    if parts.coarse_hnsw is not None:
+        fixed += 2 * parts.coarse_hnsw * 4 * nlist
+    if parts.fast_scan and ivf:
+        fixed += FAST_SCAN_BLOCK / 2 * code * nlist
     if parts.pq is not None:
         fixed += 4 * d * 2**parts.pq_bits
     if parts.opq:
@@ -132,23 +174,81 @@ def estimate_index_bytes(factory: str, num_vectors: int, dim: int) -> int:
     return math.ceil(n * per_vector + fixed)
 
 
-def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int | None = None) -> FactoryChoice:
+def default_memory_budget() -> int:
+    """The budget ``index build --factory auto`` uses when none is given: half the machine's physical RAM.
+
+    Half, because the build holds the gallery's float32 embeddings (4d bytes per vector) beside the
+    index it fills, and the server that later opens the index needs room for its encoder and requests.
+    Falls back to ``FALLBACK_MEMORY_BUDGET`` where the OS does not report its memory.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return FALLBACK_MEMORY_BUDGET
+    return int(total * DEFAULT_BUDGET_FRACTION) if total > 0 else FALLBACK_MEMORY_BUDGET
+
+
+def _fast_scan_m(dim: int) -> int | None:
+    """Sub-quantisers of the 4-bit fast-scan PQ for ``dim``: one per ``FAST_SCAN_DIMS_PER_CODE`` dimensions."""
+    if dim % FAST_SCAN_DIMS_PER_CODE:
+        return None
+    m = dim // FAST_SCAN_DIMS_PER_CODE
+    return m if m >= 2 and m % 2 == 0 else None
+
+
+def _candidates(n: int, d: int) -> Iterator[tuple[str, str]]:
+    """``(factory, why)`` in order of preference; ``choose_factory`` takes the first that fits the budget.
+
+    To add an index type, yield it here at its place in the order (and keep the docstring table of
+    ``choose_factory`` current); every candidate must be a valid ``faiss.index_factory`` string.
+    """
+    if n < EXACT_MAX_VECTORS:
+        yield "Flat", f"exact search, since below {_count(EXACT_MAX_VECTORS)} vectors a scan is fast"
+    nlist = ivf_nlist(n)
+    lists = f"{nlist} lists ~ {16 if n >= LARGE_VECTORS else 4} sqrt(N)"
+    m = _fast_scan_m(d)
+    if m is not None:
+        base = f"IVF{nlist}_HNSW{HNSW_M},PQ{m}x4fs"
+        fast = f"{lists} found by an HNSW graph, 4-bit PQ fast-scan ({m // 2} B/vector) proposing candidates"
+        for refine, store in REFINE_STORES:
+            yield f"{base},{refine}", f"{fast} re-ranked from {store}; {MEASURED_1M}"
+    prefix = _ivf_prefix(nlist, n)
+    sizes = [size for size in PQ_CODE_SIZES if size < d]
+    # Sizes that divide d need no OPQ rotation, whose training (iterated PQ trainings) takes far longer
+    # than the index's own; the rotation is kept for dimensions no size divides.
+    dividing = [size for size in sizes if d % size == 0]
+    for pq in dividing or sizes:
+        yield (
+            _pq_factory(prefix, d, pq),
+            f"inverted file, {pq}-byte product-quantised codes without re-ranking, {lists}",
+        )
+
+
+def choose_factory(
+    num_vectors: int, dim: int, memory_budget_bytes: int | None = None, *, budget_note: str | None = None
+) -> FactoryChoice:
     """The FAISS index type for ``num_vectors`` ``dim``-d vectors within ``memory_budget_bytes``.
 
-    Rules, first match wins (see the module docstring for their source):
+    Candidates, first that fits wins (``_candidates``; the measurements behind the order are in the
+    module docstring and ``docs/index_types.md``):
 
-    ==============  ==========================================  ==========================
-    factory         when                                        FAISS wiki answer
-    ==============  ==========================================  ==========================
-    Flat            N < 50k and it fits                         exact / few searches
-    HNSW32          N < 1M and 4d + 256 B per vector fits       memory no concern
-    IVFk,Flat       it fits                                     memory "somewhat" a concern
-    IVFk,SQ8        d + 8 B per vector fits                     memory "quite important"
-    IVFk,PQmnp      the largest m (bytes/vector) that fits      memory "very important"
-    ==============  ==========================================  ==========================
+    ==================================  =====================================  ==============================
+    factory                             when                                   bytes per vector (d = 512)
+    ==================================  =====================================  ==============================
+    Flat                                N < 50k and it fits                    4d + 48        (2096)
+    IVFk_HNSW32,PQ{d/4}x4fs,RFlat       it fits                                4d + d/8 + 56  (2168)
+    IVFk_HNSW32,PQ{d/4}x4fs,            full floats do not fit                 2d + d/8 + 56  (1144)
+    Refine(SQfp16)
+    IVFk_HNSW32,PQ{d/4}x4fs,            fp16 does not fit                      d + d/8 + 56   (632)
+    Refine(SQ8)
+    IVFk,PQmnp                          no refine store fits: the largest m    m + 8
+                                        (bytes/vector) dividing d that does
+                                        (OPQ only if no size divides d)
+    ==================================  =====================================  ==============================
 
-    with k = ``ivf_nlist(N)`` (4 sqrt(N), 16 sqrt(N) from 10M with an HNSW coarse quantiser).
-    Without a budget memory is not a concern: Flat, then HNSW32, then IVF-Flat.
+    with k = ``ivf_nlist(N)`` (4 sqrt(N), 16 sqrt(N) from 10M). Without a budget every candidate
+    fits; ``indexing.builder.make_index`` passes ``default_memory_budget()`` (half the RAM) when the
+    user gives none, with ``budget_note`` saying so in the reason.
 
     Raises:
         ValueError: non-positive sizes, or a budget too small even for 4-byte PQ codes.
@@ -162,48 +262,31 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int | None =
     raw = 4 * n * d
     sizes = f"{_count(n)} vectors x {d}-d float32 = {_bytes(raw)}"
     budget_text = "no memory budget" if budget is None else f"budget {_bytes(budget)}"
-
+    if budget is not None and budget_note:
+        budget_text += f" ({budget_note})"
     too_big: list[str] = []
-
-    def fits(factory: str) -> bool:
+    for factory, why in _candidates(n, d):
         est = estimate_index_bytes(factory, n, d)
-        if budget is None or est <= budget:
-            return True
-        too_big.append(f"{factory} ~{_bytes(est)}")
-        return False
-
-    def choice(factory: str, why: str) -> FactoryChoice:
-        est = estimate_index_bytes(factory, n, d)
-        rejected = f" ({', '.join(too_big)} exceed the budget)" if too_big else ""
+        if budget is not None and est > budget:
+            too_big.append(f"{factory} ~{_bytes(est)}")
+            continue
+        rejected = f" ({_rejected(too_big)} exceed the budget)" if too_big else ""
         reason = f"{sizes}, {budget_text}: {factory} needs ~{_bytes(est)}{rejected}; {why}"
         return FactoryChoice(factory, reason, _parse(factory).nlist, est)
-
-    if n < EXACT_MAX_VECTORS and fits("Flat"):
-        return choice("Flat", f"exact search, since below {_count(EXACT_MAX_VECTORS)} vectors a scan is fast")
-    hnsw = f"HNSW{HNSW_M}"
-    if n < HNSW_MAX_VECTORS and fits(hnsw):
-        return choice(hnsw, f"graph search, fast and accurate while memory allows (N < {_count(HNSW_MAX_VECTORS)})")
-    nlist = ivf_nlist(n)
-    prefix = _ivf_prefix(nlist, n)
-    ivf_why = f"{nlist} lists ~ {16 if n >= LARGE_VECTORS else 4} sqrt(N)"
-    if n >= HNSW_MAX_VECTORS:
-        ivf_why += f"; no HNSW from {_count(HNSW_MAX_VECTORS)} vectors on, where its build time dominates"
-    if fits(f"{prefix},Flat"):
-        return choice(f"{prefix},Flat", f"inverted file, uncompressed vectors, {ivf_why}")
-    if fits(f"{prefix},SQ8"):
-        return choice(f"{prefix},SQ8", f"inverted file, 8-bit scalar codes (4x smaller), {ivf_why}")
-    candidates = [m for m in PQ_CODE_SIZES if m < d]
-    for m in candidates:
-        factory = _pq_factory(prefix, d, m)
-        if budget is None or estimate_index_bytes(factory, n, d) <= budget:
-            if m != candidates[0]:
-                too_big.append(f"PQ codes over {m} bytes")
-            return choice(factory, f"inverted file, {m}-byte product-quantised codes, {ivf_why}")
-    smallest = estimate_index_bytes(_pq_factory(prefix, d, min(PQ_CODE_SIZES)), n, d)
+    smallest = estimate_index_bytes(_pq_factory(_ivf_prefix(ivf_nlist(n), n), d, min(PQ_CODE_SIZES)), n, d)
     raise ValueError(
         f"{sizes} cannot fit in {budget_text}: even {min(PQ_CODE_SIZES)}-byte PQ codes need ~{_bytes(smallest)}; "
         "raise --memory-budget or shard the gallery"
     )
+
+
+def _rejected(too_big: list[str]) -> str:
+    """The rejected candidates, the PQ ladder summarised: the reason stays one readable line."""
+    head = [item for item in too_big if "PQ" not in item or "fs," in item]
+    pq = [item for item in too_big if item not in head]
+    if pq:
+        head.append(f"{len(pq)} larger PQ code size{'s' if len(pq) > 1 else ''}")
+    return ", ".join(head)
 
 
 def training_sample_size(factory: str, num_vectors: int) -> int:
@@ -221,7 +304,7 @@ def training_sample_size(factory: str, num_vectors: int) -> int:
         need = max(need, TRAIN_POINTS_PER_CENTROID * parts.nlist)
     if parts.pq is not None:
         need = max(need, MAX_POINTS_PER_CENTROID * 2**parts.pq_bits)
-    if parts.sq_bits is not None or parts.opq or parts.other_trained:
+    if parts.sq_bits is not None or parts.opq or parts.other_trained or (parts.refine or "Flat") != "Flat":
         need = max(need, DEFAULT_TRAINING_SAMPLE)
     return min(n, need)
 
@@ -261,12 +344,16 @@ class _Parts:
     pq_bits: int = 8
     sq_bits: int | None = None
     hnsw: int | None = None
+    coarse_hnsw: int | None = None
+    fast_scan: bool = False
+    refine: str | None = None
     opq: bool = False
     other_trained: bool = False
 
 
 _IVF = re.compile(r"^IVF(\d+)")
-_PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?")
+_PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?(fs)?")
+_REFINE = re.compile(r"^(?:RFlat|Refine\((\w+)\))$")
 _SQ = re.compile(r"^SQ(\d+|fp16|bf16)")
 _HNSW = re.compile(r"^HNSW(\d+)")
 #: Components that need training but are not modelled in the memory estimate (PCA, ITQ, LSH, RaBitQ ...).
@@ -279,11 +366,16 @@ def _parse(factory: str) -> _Parts:
     for component in factory.replace(" ", "").split(","):
         if match := _IVF.match(component):
             fields["nlist"] = int(match.group(1))
+            if coarse := re.match(r"^IVF\d+_HNSW(\d+)", component):  # "IVF4096_HNSW32": graph over the centroids
+                fields["coarse_hnsw"] = int(coarse.group(1))
+        elif match := _REFINE.match(component):
+            fields["refine"] = match.group(1) or "Flat"
         elif component.startswith("OPQ"):
             fields["opq"] = True
         elif match := _PQ.match(component):
             fields["pq"] = int(match.group(1))
             fields["pq_bits"] = int(match.group(2) or 8)
+            fields["fast_scan"] = bool(match.group(3))
         elif match := _SQ.match(component):
             fields["sq_bits"] = 16 if match.group(1) in ("fp16", "bf16") else int(match.group(1))
         elif match := _HNSW.match(component):

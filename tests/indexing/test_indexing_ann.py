@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from indexing.faiss_index import NO_ID, FaissIndex, SearchParams, gpu_available, recall_at_k
-from indexing.index_factory import choose_factory, estimate_index_bytes, ivf_nlist, training_sample_size
+from indexing.index_factory import (
+    choose_factory,
+    default_memory_budget,
+    estimate_index_bytes,
+    ivf_nlist,
+    training_sample_size,
+)
 
 DIM = 32
 N = 5000
@@ -284,22 +290,39 @@ def test_small_galleries_get_exact_search():
     assert choice.factory == "Flat" and choice.nlist is None and "20k vectors x 512-d" in choice.reason
 
 
-def test_moderate_galleries_get_hnsw_and_large_ones_ivf():
-    assert choose_factory(200_000, 512, None).factory == "HNSW32"
+def test_from_50k_on_the_refine_family_wins_and_large_galleries_get_more_lists():
+    mid = choose_factory(200_000, 512, None)
+    assert mid.factory == "IVF2048_HNSW32,PQ128x4fs,RFlat" and mid.nlist == 2048
     large = choose_factory(1_000_000, 512, None)
-    assert large.factory == "IVF4096,Flat" and large.nlist == 4096  # the wiki's IVF4096 for 1M
+    assert large.factory == "IVF4096_HNSW32,PQ128x4fs,RFlat" and large.nlist == 4096  # the wiki's IVF4096 for 1M
+    assert "re-ranked from the full float32 vectors" in large.reason and "measured at 1M" in large.reason
     huge = choose_factory(20_000_000, 768, 10**12)
-    assert huge.factory == "IVF65536_HNSW32,Flat" and huge.nlist == 65536
+    assert huge.factory == "IVF65536_HNSW32,PQ192x4fs,RFlat" and huge.nlist == 65536
 
 
-def test_a_tight_budget_gets_product_quantisation_and_says_why():
-    choice = choose_factory(1_200_000, 512, 100 * 10**6)
-    assert "PQ" in choice.factory and choice.factory.startswith(("IVF4096,", "OPQ"))
+def test_a_tightening_budget_degrades_the_refine_store_then_drops_it_and_says_why():
+    n, d = 1_200_000, 512
+    full = estimate_index_bytes("IVF4096_HNSW32,PQ128x4fs,RFlat", n, d)
+    fp16 = estimate_index_bytes("IVF4096_HNSW32,PQ128x4fs,Refine(SQfp16)", n, d)
+    sq8 = estimate_index_bytes("IVF4096_HNSW32,PQ128x4fs,Refine(SQ8)", n, d)
+    assert full > fp16 > sq8
+    assert choose_factory(n, d, full).factory.endswith(",RFlat")
+    assert choose_factory(n, d, full - 1).factory.endswith(",Refine(SQfp16)")
+    assert choose_factory(n, d, fp16 - 1).factory.endswith(",Refine(SQ8)")
+    choice = choose_factory(n, d, 100 * 10**6)
+    assert "PQ" in choice.factory and "fs" not in choice.factory and choice.factory.startswith(("IVF4096,", "OPQ"))
     assert choice.estimated_bytes <= 100 * 10**6
-    for text in ("1.2M vectors", "512-d", "2.46 GB", "budget 100 MB", "IVF4096,Flat ~2.48 GB", "exceed the budget"):
+    for text in ("1.2M vectors", "512-d", "2.46 GB", "budget 100 MB", "Refine(SQ8) ~", "exceed the budget"):
         assert text in choice.reason
-    middle = choose_factory(1_200_000, 512, 10**9)
-    assert middle.factory == "IVF4096,SQ8"
+
+
+def test_the_default_budget_is_half_the_ram_and_the_reason_says_so():
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert default_memory_budget() == ram // 2
+    choice = choose_factory(1_000_000, 512, default_memory_budget(), budget_note="the default: half of this RAM")
+    assert "(the default: half of this RAM)" in choice.reason
 
 
 def test_an_impossible_budget_is_a_clear_error():

@@ -137,7 +137,9 @@ def test_build_index_tunes_an_explicit_approximate_factory(tiny_checkpoint, gall
     summary = build_index(tiny_checkpoint, dataset, tmp_path / "ivf", factory="IVF2,Flat", progress=False)
     assert summary.factory == "IVF2,Flat" and "given explicitly" in summary.factory_reason
     assert set(summary.search_params) == {"nprobe"} and 1 <= summary.search_params["nprobe"] <= 2
-    assert summary.tuning["target_recall"] == 0.95 and summary.tuning["num_queries"] == 7
+    # Half of the 7 readable images (3) are held out of the index while tuning, then added.
+    assert summary.tuning["target_recall"] == 0.95 and summary.tuning["num_queries"] == 3
+    assert summary.tuning["held_out"] is True and summary.count == 7
     with open_index_dir(tmp_path / "ivf") as directory:
         assert directory.manifest.search_params == summary.search_params
         assert directory.manifest.tuning == summary.tuning
@@ -162,7 +164,8 @@ def _unit_noise(n: int, d: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("factory", "budget", "expected"),
-    [("IVF16,Flat", None, "IVF16,Flat"), ("auto", "20kB", "IVF8,SQ8")],  # 20 kB: Flat, HNSW and IVF-Flat too big
+    # 35 kB: Flat (44.8 kB), the float32 (52.6 kB) and fp16 (39.8 kB) refine stores are too big, SQ8's fits
+    [("IVF16,Flat", None, "IVF16,Flat"), ("auto", "35kB", "IVF8_HNSW32,PQ4x4fs,Refine(SQ8)")],
 )
 def test_tuned_params_round_trip_through_the_manifest_and_apply_at_search(tmp_path, factory, budget, expected):
     vectors, ids = _unit_noise(400, 16, seed=0), np.arange(400, dtype=np.int64) * 3
@@ -180,11 +183,12 @@ def test_tuned_params_round_trip_through_the_manifest_and_apply_at_search(tmp_pa
     queries = _unit_noise(30, 16, seed=1)
     with open_index_dir(tmp_path / "idx") as directory:
         manifest = directory.manifest
-        assert manifest.search_params == {"nprobe": nprobe} and manifest.tuning == fields["tuning"]
+        assert manifest.search_params == fields["search_params"] and manifest.tuning == fields["tuning"]
+        assert set(manifest.search_params) == ({"nprobe", "k_factor"} if "Refine" in expected else {"nprobe"})
         assert manifest.factory == expected and manifest.factory_reason == fields["factory_reason"]
         assert directory.index.default_params.nprobe == nprobe
         default = directory.index.search(queries, 10)
-        explicit = directory.index.search(queries, 10, SearchParams(nprobe=nprobe))
+        explicit = directory.index.search(queries, 10, SearchParams.from_dict(fields["search_params"]))
         single = directory.index.search(queries, 10, SearchParams(nprobe=1))
     np.testing.assert_array_equal(default[1], explicit[1])
     assert not np.array_equal(default[1], single[1])  # the stored default really is the tuned value
