@@ -35,6 +35,8 @@ def stores_exact_vectors(index: FaissIndex) -> bool:
     import faiss
 
     inner = _unwrapped(index)
+    if isinstance(inner, faiss.IndexRefine):  # re-ranked from its refine store: exact when that is a flat store
+        inner = faiss.downcast_index(inner.refine_index)
     if isinstance(inner, faiss.IndexHNSW):
         inner = faiss.downcast_index(inner.storage)
     return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
@@ -105,12 +107,27 @@ def _check_chunk(ids: np.ndarray, vectors: np.ndarray, exact: bool, where: str) 
 
 
 def check_graph(index: FaissIndex, where: str) -> None:
-    """Refuse an HNSW graph that links to nodes that do not exist (FAISS would read out of bounds)."""
+    """Refuse an HNSW graph that links to nodes that do not exist (FAISS would read out of bounds).
+
+    The graph may be the index itself (HNSW32), the base of a refine index (HNSW32_SQ8,RFlat) or the coarse
+    quantiser of an inverted file (IVF4096_HNSW32,...): each is checked.
+    """
     import faiss
 
     inner = _unwrapped(index)
-    if not isinstance(inner, faiss.IndexHNSW):
-        return
+    if isinstance(inner, faiss.IndexRefine):
+        inner = faiss.downcast_index(inner.base_index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner = faiss.downcast_index(inner.quantizer)
+    if isinstance(inner, faiss.IndexHNSW):
+        _check_hnsw(inner, where)
+
+
+def _check_hnsw(inner: Any, where: str) -> None:
+    import faiss
+
     hnsw: Any = inner.hnsw
     neighbors = faiss.vector_to_array(hnsw.neighbors)
     levels = faiss.vector_to_array(hnsw.levels)

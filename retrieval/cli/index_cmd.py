@@ -21,8 +21,9 @@ GALLERY_HELP = (
     "label columns, any other columns kept as metadata), or a text file of paths (one per line)."
 )
 FACTORY_HELP = (
-    "FAISS index factory string (Flat = exact search; HNSW32; IVF1024,Flat; IVF4096,PQ64; OPQ64,IVF4096,PQ64 ...) "
-    "or 'auto': chosen from the gallery size and --memory-budget (exact Flat below 50k images)."
+    "FAISS index factory string (Flat = exact search; HNSW32; IVF1024,Flat; IVF4096_HNSW32,PQ128x4fs,RFlat; "
+    "...,Refine(SQ8); IVF4096,PQ64 ...) or 'auto': chosen from the gallery size and --memory-budget (exact Flat "
+    "below 50k images; see docs/index_types.md)."
 )
 
 
@@ -100,7 +101,10 @@ def _factory_option() -> Any:
 
 def _budget_option() -> Any:
     return typer.Option(
-        None, "--memory-budget", help="Memory the index may take with --factory auto, e.g. 2GB, 500MB, 512MiB."
+        None,
+        "--memory-budget",
+        help="Memory the index may take with --factory auto, e.g. 2GB, 500MB, 512MiB "
+        "(default: half of this machine's RAM).",
     )
 
 
