@@ -63,8 +63,8 @@ REFINE_STORES = (
 REFINE_BYTES_PER_DIM = {"Flat": 4.0, "SQfp16": 2.0, "SQbf16": 2.0, "SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5}
 #: What bench_index.py measured at 1M x 512 for the refine family, quoted in the reason strings.
 MEASURED_1M = (
-    "measured at 1M x 512 (bench_index.py, 2 shared CPU cores): recall@10 0.99 at over 200x exact search's "
-    "queries/s with any of the three refine stores"
+    "measured at 1M x 512 (bench_index.py, 2 CPU cores): recall@10 0.99 at about 140x exact search's "
+    "queries/s, or 0.955-0.961 at 155-220x tuned to 0.95, with any of the three refine stores"
 )
 #: ``default_memory_budget``: this fraction of physical RAM, or this many bytes where it is unknown.
 DEFAULT_BUDGET_FRACTION = 0.5

@@ -7,9 +7,10 @@
   const CARD_PX = 160; // CSS width of a thumbnail; the request asks for device pixels
   const MAX_THUMB = 512; // the server's largest thumbnail size
   // Photos larger than this (long side, px) are scaled down in the browser before upload: the query encoder
-  // sees a few hundred pixels, and decoding a 12 MP JPEG on the server alone costs more than half of a query
-  // (benchmarks/bench_query_stages.py, docs/query_path.md). Smaller images are sent untouched.
-  const MAX_UPLOAD_SIDE = 1024;
+  // sees a few hundred pixels, and a 12 MP JPEG's decode and resize on the server cost 75% of a query, a
+  // 1024x768 one's resize 11%, an 800x600 one's decode and resize 7% each (benchmarks/bench_query_stages.py,
+  // docs/query_path.md). Smaller images are sent untouched.
+  const MAX_UPLOAD_SIDE = 800;
 
   const el = (id) => document.getElementById(id);
   const ui = {

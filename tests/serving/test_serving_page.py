@@ -279,7 +279,7 @@ def test_search_page_sends_the_api_key_and_keeps_it(page, keyed_server, gallery)
 
 
 def test_search_page_scales_large_photos_down_before_upload(page, server, tmp_path):
-    """A 3000x2000 photo leaves the browser as a JPEG of at most 1024 px a side; small images go untouched."""
+    """A 3000x2000 photo leaves the browser as a JPEG of at most 800 px a side; small images go untouched."""
     import io
 
     from PIL import Image
@@ -304,6 +304,6 @@ def test_search_page_scales_large_photos_down_before_upload(page, server, tmp_pa
     assert len(bodies) == 2 and page.console_errors == []
     start = bodies[0].index(b"\xff\xd8\xff")  # the JPEG inside the multipart body
     sent = Image.open(io.BytesIO(bodies[0][start:]))
-    assert sent.format == "JPEG" and max(sent.size) == 1024 and sent.size[0] / sent.size[1] == pytest.approx(1.5, 0.01)
+    assert sent.format == "JPEG" and max(sent.size) == 800 and sent.size[0] / sent.size[1] == pytest.approx(1.5, 0.01)
     # Below the limit the file itself is sent (Chromium leaves a file's bytes out of the intercepted body).
     assert b"Content-Type: image/png" in bodies[1] and b"\xff\xd8\xff" not in bodies[1]
