@@ -19,7 +19,6 @@ a substitute for ``retrieval export`` (which writes the file a server or phone o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from indexing.index_dir import file_sha256
 from retrieval.atomic import write_file_atomically
 from retrieval.errors import UserFacingError
 
@@ -157,7 +157,7 @@ def _export(encoder: Encoder, work_dir: Path) -> GalleryOnnx:
     export = GalleryOnnx(
         path=target,
         encoder_id=str(encoder.encoder_id),
-        sha256=_sha256(target),
+        sha256=file_sha256(target),
         exporter=graph.exporter,
         min_cosine=graph.min_cosine,
         versions=_versions(),
@@ -206,17 +206,9 @@ def _reusable(work_dir: Path, encoder_id: str) -> GalleryOnnx | None:
         why = f"it is of encoder {export.encoder_id}, not {encoder_id}"
     elif export.versions != _versions():
         why = f"it was exported by {export.versions}, this is {_versions()}"
-    elif _sha256(target) != export.sha256:
+    elif file_sha256(target) != export.sha256:
         why = f"{target.name} changed since it was exported (SHA-256 mismatch)"
     if why is not None:
         logger.info("exporting the encoder again instead of reusing %s: %s", target, why)
         return None
     return export
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

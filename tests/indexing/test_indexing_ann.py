@@ -7,6 +7,7 @@ import logging
 import faiss
 import numpy as np
 import pytest
+from faiss_threads import _one_faiss_thread  # noqa: F401  (autouse fixture)
 
 from indexing.faiss_index import (
     NO_ID,
@@ -38,15 +39,6 @@ def _clustered(rng: np.random.Generator, n: int, d: int, centers: np.ndarray, sp
     x = centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, d)) / np.sqrt(d)
     x = x.astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    """Small indexes gain nothing from OpenMP, and its spinning threads crawl on a busy shared machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

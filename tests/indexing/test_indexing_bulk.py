@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from interrupted_gallery import InterruptedGallery
 from PIL import Image
 
 from indexing.append import add_to_index
@@ -26,7 +27,7 @@ from indexing.errors import IndexFormatError
 from indexing.extract_job import ExtractOptions, extract_shard
 from indexing.index_dir import INDEX_FILE, open_index_dir
 from retrieval.data.datasets import DatasetError
-from retrieval.data.gallery import Gallery, open_gallery
+from retrieval.data.gallery import open_gallery
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,24 +98,11 @@ def test_the_reference_build_counts_corrupt_files_and_keeps_metadata(reference, 
     assert not (reference.parent / "index.extract").exists()  # chunk files removed after success
 
 
-class _InterruptedGallery(Gallery):
-    """The same gallery, but reading item ``stop_at`` raises KeyboardInterrupt, as Ctrl-C would there."""
-
-    def __init__(self, gallery: Gallery, stop_at: int) -> None:
-        self.__dict__.update(gallery.__dict__)
-        self.stop_at = stop_at
-
-    def load_image(self, i: int) -> Image.Image:
-        if i == self.stop_at:
-            raise KeyboardInterrupt
-        return super().load_image(i)
-
-
 def test_an_interrupted_build_continues_and_gives_the_same_index(tiny_checkpoint, gallery_csv, reference, tmp_path):
     out, work = tmp_path / "index", tmp_path / "work"
     options = {"batch_size": 4, "chunk_size": 8, "progress": False, "work_dir": work}
     with pytest.raises(KeyboardInterrupt):
-        build_index(tiny_checkpoint, _InterruptedGallery(open_gallery(gallery_csv), stop_at=29), out, **options)
+        build_index(tiny_checkpoint, InterruptedGallery(open_gallery(gallery_csv), stop_at=29), out, **options)
     assert not out.exists()
     assert EmbeddingStore.open(work).finished_chunks() == [0, 1, 2]  # positions 0-23; chunk 3 was in progress
 
@@ -130,7 +118,7 @@ def test_resuming_with_other_settings_is_refused_unless_restarted(tiny_checkpoin
     out, work = tmp_path / "index", tmp_path / "work"
     gallery = open_gallery(gallery_csv)
     with pytest.raises(KeyboardInterrupt):
-        build_index(tiny_checkpoint, _InterruptedGallery(gallery, 20), out, batch_size=4, chunk_size=8,
+        build_index(tiny_checkpoint, InterruptedGallery(gallery, 20), out, batch_size=4, chunk_size=8,
                     progress=False, work_dir=work)  # fmt: skip
     with pytest.raises(ExtractionMismatchError, match=r"batch_size: 4 vs 5.*--restart"):
         build_index(tiny_checkpoint, gallery, out, batch_size=5, chunk_size=8, progress=False, work_dir=work)

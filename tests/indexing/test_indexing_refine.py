@@ -9,6 +9,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from faiss_threads import _one_faiss_thread  # noqa: F401  (autouse fixture)
 
 import indexing.faiss_index as faiss_index_module
 from indexing.builder import make_index
@@ -25,15 +26,6 @@ REFINE_FACTORIES = [
 ]
 #: How far each refine store's reconstructed vectors may be from the originals (max abs per coordinate).
 STORE_TOLERANCE = {"RFlat": 0.0, "Refine(SQfp16)": 1e-3, "Refine(SQ8)": 0.02}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    """Small indexes gain nothing from OpenMP, and its spinning threads crawl on a busy shared machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def _clustered(rng: np.random.Generator, n: int, centers: np.ndarray, spread: float = 1.0) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from interrupted_gallery import InterruptedGallery
 from PIL import Image
 
 from indexing.embedding_store import SPEC_FILE, EmbeddingStore, ExtractionMismatchError, combine_stores
@@ -65,7 +66,7 @@ def onnx_run(encoder, tiny_checkpoint, gallery, tmp_path_factory):
     """An onnx extraction interrupted (Ctrl-C at position 13, in chunk 1) and then resumed under ``auto``."""
     work = tmp_path_factory.mktemp("onnx") / "work"
     with pytest.raises(KeyboardInterrupt):
-        extract_gallery(encoder, tiny_checkpoint, _InterruptedGallery(gallery, 13), work,
+        extract_gallery(encoder, tiny_checkpoint, InterruptedGallery(gallery, 13), work,
                         ExtractOptions(**OPTIONS, runtime="onnx"))  # fmt: skip
     finished = EmbeddingStore.open(work).finished_chunks()
     export_mtime = (work / GALLERY_ONNX).stat().st_mtime_ns
@@ -133,24 +134,11 @@ def test_an_interrupted_onnx_extraction_resumes_to_the_vectors_of_one_run(onnx_r
 def test_resuming_with_the_other_runtime_is_refused(encoder, tiny_checkpoint, gallery, tmp_path):
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        extract_gallery(encoder, tiny_checkpoint, _InterruptedGallery(gallery, 10), work,
+        extract_gallery(encoder, tiny_checkpoint, InterruptedGallery(gallery, 10), work,
                         ExtractOptions(**OPTIONS, runtime="torch"))  # fmt: skip
     with pytest.raises(ExtractionMismatchError, match=r"runtime: torch vs onnx.*--runtime torch.*--restart"):
         extract_gallery(encoder, tiny_checkpoint, gallery, work, ExtractOptions(**OPTIONS, runtime="onnx"))
     assert EmbeddingStore.open(work).finished_chunks() == [0]  # nothing was discarded
-
-
-class _InterruptedGallery(Gallery):
-    """The same gallery, but reading item ``stop_at`` raises KeyboardInterrupt, as Ctrl-C would there."""
-
-    def __init__(self, gallery: Gallery, stop_at: int) -> None:
-        self.__dict__.update(gallery.__dict__)
-        self.stop_at = stop_at
-
-    def load_image(self, i: int) -> Image.Image:
-        if i == self.stop_at:
-            raise KeyboardInterrupt
-        return super().load_image(i)
 
 
 def test_onnx_session_honours_the_thread_setting(onnx_run, encoder, monkeypatch):
