@@ -85,6 +85,9 @@ class OnnxGalleryEncoder:
         threads = compute_threads() if threads is None else threads
         if threads is not None:
             options.intra_op_num_threads = int(threads)
+        # ONNX Runtime's intra-op threads busy-wait between runs by default; here they would take the cores the
+        # feeder thread needs to decode the next batch (and, on a shared machine, everyone else's).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
