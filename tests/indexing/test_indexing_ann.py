@@ -7,6 +7,7 @@ import logging
 import faiss
 import numpy as np
 import pytest
+from clustered import clustered_unit_vectors
 from faiss_threads import _one_faiss_thread  # noqa: F401  (autouse fixture)
 
 from indexing.faiss_index import (
@@ -30,25 +31,14 @@ DIM = 32
 N = 5000
 
 
-def _clustered(rng: np.random.Generator, n: int, d: int, centers: np.ndarray, spread: float = 1.0) -> np.ndarray:
-    """Gaussian clusters on the unit sphere: a random center plus isotropic noise of norm ~``spread``, renormalised.
-
-    Overlapping clusters (spread 1 around unit centers) make IVF with one probe miss ~40% of the
-    neighbours, so the tests see approximate behaviour, unlike well-separated blobs.
-    """
-    x = centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, d)) / np.sqrt(d)
-    x = x.astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gallery, queries, ids): 5k clustered vectors, 200 fresh queries from the same clusters, random int64 ids."""
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((200, DIM))
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    gallery = _clustered(rng, N, DIM, centers)
-    queries = _clustered(rng, 200, DIM, centers)
+    gallery = clustered_unit_vectors(rng, N, DIM, centers)
+    queries = clustered_unit_vectors(rng, 200, DIM, centers)
     ids = rng.choice(2**62, size=N, replace=False).astype(np.int64) - 2**61  # negative ids too
     return gallery, queries, ids
 

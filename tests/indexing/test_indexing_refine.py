@@ -9,6 +9,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from clustered import clustered_unit_vectors
 from faiss_threads import _one_faiss_thread  # noqa: F401  (autouse fixture)
 
 import indexing.faiss_index as faiss_index_module
@@ -28,12 +29,6 @@ REFINE_FACTORIES = [
 STORE_TOLERANCE = {"RFlat": 0.0, "Refine(SQfp16)": 1e-3, "Refine(SQ8)": 0.02}
 
 
-def _clustered(rng: np.random.Generator, n: int, centers: np.ndarray, spread: float = 1.0) -> np.ndarray:
-    x = centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, DIM)) / np.sqrt(DIM)
-    x = x.astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gallery, queries, ids): overlapping clusters, fresh queries from the same clusters, scattered int64 ids."""
@@ -41,7 +36,7 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     centers = rng.standard_normal((150, DIM))
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     ids = rng.choice(2**62, size=N, replace=False).astype(np.int64) - 2**61
-    return _clustered(rng, N, centers), _clustered(rng, 300, centers), ids
+    return clustered_unit_vectors(rng, N, DIM, centers), clustered_unit_vectors(rng, 300, DIM, centers), ids
 
 
 def _truth(gallery: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
