@@ -23,7 +23,8 @@ import torch
 from pydantic import ValidationError
 
 from models.devices import resolve_device
-from models.encoder import Encoder, EncoderConfig
+from models.encoder import Encoder, EncoderConfig, create_encoder
+from models.ensemble import EnsembleEncoder
 from retrieval.atomic import atomic_directory
 from retrieval.errors import UserFacingError
 
@@ -209,8 +210,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     info = read_checkpoint_info(path)
     verify_weights(info)
     weights = info.path / WEIGHTS_FILE
-    config = info.config.model_copy(update={"pretrained": False})  # the checkpoint holds the weights
-    encoder = Encoder(config)
+    encoder = create_encoder(_without_pretrained(info.config))  # an ensemble when the config has members
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
@@ -221,6 +221,20 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         raise CheckpointError(
             f"weights in {weights} do not fit the architecture in its config: {_one_line(exc)}"
         ) from exc
-    encoder.config = info.config
+    _restore_config(encoder, info.config)
     encoder.encoder_id = info.encoder_id
     return encoder.to(device).eval()
+
+
+def _without_pretrained(config: EncoderConfig) -> EncoderConfig:
+    """``config`` (and its ensemble members) with ``pretrained`` off: the checkpoint holds every weight."""
+    members = [member.model_copy(update={"pretrained": False}) for member in config.members]
+    return config.model_copy(update={"pretrained": False, "members": members})
+
+
+def _restore_config(encoder: Encoder, config: EncoderConfig) -> None:
+    """Give a loaded encoder (and an ensemble's members) the checkpoint's own config, ``pretrained`` included."""
+    encoder.config = config
+    if isinstance(encoder, EnsembleEncoder):
+        for member, member_config in zip(encoder.members, config.members, strict=True):
+            member.config = member_config

@@ -33,7 +33,7 @@ from retrieval.data.datasets import LabelledImageDataset
 from retrieval.data.sampler import AspectRatioBatchSampler, PKBatchSampler
 from retrieval.data.transforms import AugmentConfig, PreprocessConfig, augment_steps, normalise_steps
 
-__all__ = ["AspectTrainTransform", "JointlyResizedSamples", "SeededSamples", "WithIndex", "step_batches"]
+__all__ = ["AspectTrainTransform", "JointlyResizedSamples", "MultiView", "SeededSamples", "WithIndex", "step_batches"]
 
 #: ``batch indices -> (height, width)`` of the batch's joint input size.
 ShapeOf = Callable[[list[int]], tuple[int, int]]
@@ -137,6 +137,24 @@ class JointlyResizedSamples(Dataset):
             torch.manual_seed(seed)
             image = self.transform(self.dataset.load_image(index), (height, width))
         return image, torch.from_numpy(self.dataset.labels[index].copy())
+
+
+class MultiView:
+    """A training transform applied ``views`` times to one image: ``(views, 3, H, W)``, each its own augmentation.
+
+    What DM²'s view diversity feeds a cohort (one view per model). The views are drawn one after the other from
+    the item's seeded RNG (:class:`SeededSamples`), so they are reproducible, and the first is exactly the image
+    the plain transform would have produced. Picklable for DataLoader workers.
+    """
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], views: int) -> None:
+        if views < 1:
+            raise ValueError(f"views must be at least 1, got {views}")
+        self.transform = transform
+        self.views = views
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.views)])
 
 
 class WithIndex(Dataset):

@@ -23,6 +23,9 @@ __all__ = [
     "DistillConfig",
     "DistillSection",
     "LossConfig",
+    "MixupConfig",
+    "MutualConfig",
+    "MutualMember",
     "OptimConfig",
     "SamplerConfig",
     "ScheduleConfig",
@@ -194,14 +197,103 @@ class ScheduleConfig(StrictModel):
         return round(0.05 * self.max_steps)
 
 
+class MixupConfig(StrictModel):
+    """Metrix (Venkataramanan et al., ICLR 2022): mixup for metric learning, a ``mixup:`` section in any recipe.
+
+    Each step mixes, for every anchor of the batch that has a negative, one of its positives (the anchor itself
+    when it has none) with one of its negatives, ``lam ~ Beta(alpha, alpha)``; the mixed item is ``lam`` parts
+    positive. The loss's soft-label form (``training.losses.soft``: contrastive, multi-similarity, proxy anchor,
+    ProxyNCA++) scores the mixed embeddings against the clean anchors (or the proxies), and the total is
+    ``clean loss + weight * mixed loss``. See ``training.mixup``.
+
+    Attributes:
+        kind: what is mixed: ``input`` (the images; one extra encoder pass), ``feature`` (the last feature map
+            before pooling; an extra pooling + head only) or ``embedding`` (the L2-normalised embeddings,
+            re-normalised after mixing; nearly free).
+        alpha: the Beta distribution's parameter (2 in the paper).
+        weight: the mixed loss's weight ``w`` (0.4 in the paper).
+        level: the label level whose classes decide positives and negatives when pairs are drawn; ``null`` is the
+            finest. Soft targets are formed at every level the loss uses.
+    """
+
+    kind: Literal["input", "feature", "embedding"] = "embedding"
+    alpha: float = Field(2.0, gt=0)
+    weight: float = Field(0.4, ge=0)
+    level: str | None = None
+
+
+class MutualMember(StrictModel):
+    """One model of a DM² cohort: what differs from the recipe's ``model`` and ``loss``.
+
+    Attributes:
+        model: overrides of the recipe's ``model`` section (``backbone``, ``embedding_dim``, ``attention``...);
+            ``preprocess`` cannot differ (the cohort trains on one batch stream and its ensemble on one input).
+        loss: this model's metric loss; ``null`` takes the recipe's ``loss``.
+    """
+
+    model: dict[str, Any] = Field(default_factory=dict)
+    loss: LossConfig | None = None
+
+    @model_validator(mode="after")
+    def _same_input(self) -> MutualMember:
+        if "preprocess" in self.model:
+            raise ValueError(
+                "mutual.members[].model.preprocess cannot differ between cohort models: they share the batches"
+            )
+        return self
+
+
+class MutualConfig(StrictModel):
+    """DM², Diversified Mutual Metric Learning (Park et al.): a cohort of models trained together, a ``mutual:``
+    section in any recipe (it makes the run's ``objective`` ``mutual``; see ``training.objectives.mutual``).
+
+    Each model minimises its own metric loss plus ``lam`` times the mean squared difference between its batch
+    distance matrix and every partner's (the partners' matrices without gradient); ``lam`` rises linearly from 0
+    to ``weight`` over the first ``warmup_epochs``. The run saves every model (``members/<i>``) and, as its
+    result, the ensemble (the models' embeddings concatenated and re-normalised).
+
+    Attributes:
+        size: the number of models ``L`` when ``members`` is empty (copies of the recipe's model).
+        members: one entry per model (then ``size`` is ``len(members)``): architecture and loss overrides.
+        weight: the relation loss's final weight (20 in the paper).
+        warmup_epochs: epochs of the linear warm-up of ``weight`` (3 in the paper; 0 starts at ``weight``).
+        model_diversity: each model starts from its own random initial weights (heads, and backbones not loaded
+            from pretrained weights); ``false`` starts every same-architecture model identically.
+        temporal_diversity: model ``l`` (1-based) takes an optimiser step with probability ``2^-(l-1)``, the
+            first always; the draws are a function of ``(seed, step, l)``, so resuming repeats them.
+        view_diversity: each model sees its own random augmentation of the batch (``sampler.kind: pk`` only).
+    """
+
+    size: int = Field(2, ge=2)
+    members: list[MutualMember] = Field(default_factory=list)
+    weight: float = Field(20.0, ge=0)
+    warmup_epochs: float = Field(3.0, ge=0)
+    model_diversity: bool = True
+    temporal_diversity: bool = True
+    view_diversity: bool = True
+
+    @model_validator(mode="after")
+    def _cohort_of_two_or_more(self) -> MutualConfig:
+        if len(self.members) == 1:
+            raise ValueError("mutual.members lists one model; a cohort needs at least two")
+        return self
+
+    @property
+    def cohort_size(self) -> int:
+        return len(self.members) or self.size
+
+
 class TrainConfig(StrictModel):
     """A complete training run.
 
     Attributes:
         name: recipe name, recorded in the encoder's provenance.
         objective: what is trained and how a batch becomes a loss (``training.objectives.OBJECTIVES``):
-            ``metric`` (one encoder, ``loss`` from the registry) or ``distillation`` (a student distilled from
-            a frozen teacher; ``retrieval distill`` and ``training.distill_config.DistillConfig``).
+            ``metric`` (one encoder, ``loss`` from the registry), ``mutual`` (a DM² cohort; a ``mutual`` section
+            selects it) or ``distillation`` (a student distilled from a frozen teacher; ``retrieval distill`` and
+            ``DistillConfig``).
+        mutual: DM² mutual learning of a cohort (``MutualConfig``); ``null`` trains one model.
+        mixup: Metrix mixup (``MixupConfig``) for the metric loss of the model (of every cohort model).
         eval_every: evaluate on the validation set every N steps (0: only at the end).
         checkpoint_every: write ``checkpoints/last`` every N steps (0: only at the end).
         log_every: write a metrics line every N steps.
@@ -231,6 +323,8 @@ class TrainConfig(StrictModel):
     model: EncoderConfig = Field(default_factory=EncoderConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    mutual: MutualConfig | None = None
+    mixup: MixupConfig | None = None
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -248,6 +342,29 @@ class TrainConfig(StrictModel):
     backbone_weights: Path | None = None
     init_from: Path | None = None
     out_dir: Path = Path("runs/train")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mutual_section_selects_its_objective(cls, data: Any) -> Any:
+        """A ``mutual`` section makes a metric run a cohort run; ``objective: mutual`` alone takes the defaults."""
+        if not isinstance(data, dict):
+            return data
+        objective = data.get("objective", "metric")
+        if data.get("mutual") is not None and objective == "metric":
+            return {**data, "objective": "mutual"}
+        if objective == "mutual" and data.get("mutual") is None:
+            return {**data, "mutual": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _options_fit_the_objective(self) -> TrainConfig:
+        if self.mutual is not None and self.objective != "mutual":
+            raise ValueError(f"the mutual section trains a cohort (objective mutual), not objective {self.objective!r}")
+        if self.mixup is not None and self.objective not in ("metric", "mutual"):
+            raise ValueError(f"mixup applies to metric-learning objectives (metric, mutual), not {self.objective!r}")
+        if self.mutual is not None and self.mutual.view_diversity and self.sampler.kind != "pk":
+            raise ValueError("mutual.view_diversity needs sampler.kind 'pk' (aspect batches are resized jointly)")
+        return self
 
     @model_validator(mode="after")
     def _one_source_of_starting_weights(self) -> TrainConfig:
@@ -302,7 +419,11 @@ def _default_student() -> EncoderConfig:
 
 
 #: The config type of each objective: a recipe's ``objective`` picks the sections it may hold.
-CONFIG_TYPES: dict[str, type[TrainConfig]] = {"metric": TrainConfig, "distillation": DistillConfig}
+CONFIG_TYPES: dict[str, type[TrainConfig]] = {
+    "metric": TrainConfig,
+    "mutual": TrainConfig,
+    "distillation": DistillConfig,
+}
 
 
 def recipe_objective(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:

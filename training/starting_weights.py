@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from models.checkpoint import CheckpointInfo, load_weights_into, read_checkpoint_info
-from models.encoder import Encoder, EncoderConfig
+from models.checkpoint import CheckpointError, CheckpointInfo, load_weights_into, read_checkpoint_info
+from models.encoder import Encoder, EncoderConfig, create_encoder
 from training.config import TrainConfig
 
 __all__ = ["ARCHITECTURE_FIELDS", "adopt_checkpoint_architecture", "build_encoder", "init_provenance"]
@@ -47,6 +47,11 @@ def adopt_checkpoint_architecture(config: TrainConfig) -> tuple[TrainConfig, Che
     if config.init_from is None:
         return config, None
     info = read_checkpoint_info(config.init_from)
+    if info.config.members:
+        raise CheckpointError(
+            f"--init-from {config.init_from} is an ensemble of {len(info.config.members)} encoders; start from one "
+            "of its members (saved beside it in members/) or train a cohort with a mutual section"
+        )
     source, current = info.config, config.model
     differing = [name for name in ARCHITECTURE_FIELDS if getattr(current, name) != getattr(source, name)]
     if differing:
@@ -71,7 +76,7 @@ def build_encoder(config: TrainConfig, model: EncoderConfig | None = None) -> En
     The weights come from ``config.backbone_weights`` (a backbone state dict), the hub or cache
     (``model.pretrained``), or every layer from ``config.init_from``; otherwise they are random.
     """
-    encoder = Encoder(model or config.model, backbone_weights=config.backbone_weights)
+    encoder = create_encoder(model or config.model, backbone_weights=config.backbone_weights)
     if config.init_from is not None:
         load_weights_into(encoder, config.init_from)
     return encoder

@@ -53,7 +53,14 @@ from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.sampler import AspectRatioBatchSampler, HierarchicalPKSampler, PKBatchSampler, read_image_sizes
 from retrieval.data.transforms import build_transforms
 from retrieval.evaluation.report import EvaluationReport
-from training.batches import AspectTrainTransform, JointlyResizedSamples, SeededSamples, WithIndex, step_batches
+from training.batches import (
+    AspectTrainTransform,
+    JointlyResizedSamples,
+    MultiView,
+    SeededSamples,
+    WithIndex,
+    step_batches,
+)
 from training.budget import BudgetFit, StepTimer, fit_schedule
 from training.checkpoints import (
     TRAIN_STATE_FILE,
@@ -82,6 +89,8 @@ _RESUME_SENSITIVE = (
     "model",
     "augment",
     "loss",
+    "mutual",
+    "mixup",
     "sampler",
     "optim",
     "seed",
@@ -108,6 +117,7 @@ class TrainResult:
         schedule_steps: the steps the learning-rate schedule spans: ``planned_steps``, or fewer when it was
             fitted to a time budget (``budget``).
         budget: the fitted schedule (``training.budget.BudgetFit``), ``None`` when none was fitted.
+        extra_paths: encoders saved beside the result (a cohort's models: ``out_dir/members/<i>``).
     """
 
     steps: int
@@ -122,6 +132,7 @@ class TrainResult:
     planned_steps: int = 0
     schedule_steps: int = 0
     budget: BudgetFit | None = None
+    extra_paths: tuple[Path, ...] = ()
 
     @property
     def partial(self) -> bool:
@@ -149,6 +160,7 @@ class TrainResult:
             "val": None if self.val_report is None else self.val_report.to_dict(),
             "encoder_path": str(self.encoder_path),
             "encoder_id": self.encoder_id,
+            "extra_paths": [str(path) for path in self.extra_paths],
         }
 
 
@@ -205,7 +217,7 @@ class Trainer:
             objective = create_objective(self.config, train_dataset)
         self.objective = objective.to(self.device)
         # the objective may resolve the model section (a student takes its teacher's dimension and id)
-        self.config = self.config.model_copy(update={"model": self.encoder.config})
+        self.config = self.config.model_copy(update={"model": self.objective.model_section()})
         self.objective.set_autocast(self._autocast)
         self.optimizer = adamw(self.objective.param_groups(config.optim), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
@@ -216,6 +228,8 @@ class Trainer:
             self.train_transform = AspectTrainTransform(preprocess, config.augment)
         else:
             self.train_transform = build_transforms(preprocess, train=True, augment=config.augment)
+            if self.objective.views_per_image > 1:  # one augmentation per cohort model (DM² view diversity)
+                self.train_transform = MultiView(self.train_transform, self.objective.views_per_image)
         self.step = 0
         self.images_seen = 0
         self.budget_fit: BudgetFit | None = None
@@ -265,6 +279,11 @@ class Trainer:
         encoder_path = self.out_dir / "encoder"
         self._set_provenance()
         encoder_id = save_encoder(self.encoder, encoder_path)
+        extra_paths = []
+        for name, extra in self.objective.extra_outputs().items():  # a cohort's models, beside the ensemble
+            self._set_provenance(extra, output=name)
+            save_encoder(extra, self.out_dir / name)
+            extra_paths.append(self.out_dir / name)
         train_seconds = run["train_seconds"]
         return TrainResult(
             steps=self.step,
@@ -279,6 +298,7 @@ class Trainer:
             planned_steps=self.config.schedule.max_steps,
             schedule_steps=self.schedule_steps,
             budget=self.budget_fit,
+            extra_paths=tuple(extra_paths),
         )
 
     @property
@@ -440,12 +460,16 @@ class Trainer:
         self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
         self.objective.train()
+        images = images.to(self.device, non_blocking=True)
+        views = images.unbind(1) if images.ndim == 5 else ()  # (B, views, 3, H, W) from MultiView
         batch = Batch(
-            images=images.to(self.device, non_blocking=True),
+            images=views[0] if views else images,
             labels=labels.to(self.device, non_blocking=True),
             indices=indices.to(self.device, non_blocking=True),
             step=self.step,
             epoch=self.step // len(self.sampler),
+            epochs_done=self.step / len(self.sampler),
+            views=views,
         )
         loss = self.objective.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -489,7 +513,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _set_provenance(self) -> None:
+    def _set_provenance(self, encoder: Encoder | None = None, **extra: Any) -> None:
+        """Record how the run's result (or ``encoder``, one of its extra outputs) was trained in its config."""
+        encoder = self.encoder if encoder is None else encoder
         provenance = {
             **self.config.model.provenance,
             "recipe": self.config.name,
@@ -500,8 +526,9 @@ class Trainer:
             **self.objective.provenance(),
             "seed": self.config.seed,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            **extra,
         }
-        self.encoder.config = self.encoder.config.model_copy(update={"provenance": provenance})
+        encoder.config = encoder.config.model_copy(update={"provenance": provenance})
 
     def _save_checkpoint(self) -> None:
         self._set_provenance()

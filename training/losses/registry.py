@@ -38,6 +38,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "training.losses.pair",
     "training.losses.csl",
     "training.losses.distillation",
+    "training.losses.soft",
 )
 
 

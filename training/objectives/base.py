@@ -12,7 +12,7 @@ An objective owns the rest:
 * how the validation set is scored (``evaluate``) and what goes into the encoder's provenance.
 
 Adding a way of training is writing one subclass and registering it in ``OBJECTIVES`` under the name that a
-config's ``objective`` field selects (``metric`` and ``distillation`` are built in).
+config's ``objective`` field selects (``metric``, ``mutual`` and ``distillation`` are built in).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 from retrieval.registry import Registry
 
 if TYPE_CHECKING:
-    from models.encoder import Encoder
+    from models.encoder import Encoder, EncoderConfig
     from retrieval.data.datasets import LabelledImageDataset
     from retrieval.evaluation.report import EvaluationReport
     from training.config import TrainConfig
@@ -51,6 +51,10 @@ class Batch:
             such as the teacher's embeddings, is looked up by).
         step: the 0-based optimiser step this batch trains (a seed for anything drawn per step).
         epoch: the sampler epoch the batch belongs to (for what is refreshed once per epoch).
+        epochs_done: ``step / steps per epoch``: the epochs trained before this batch, fractional (for what is
+            warmed up over epochs).
+        views: with an objective that asks for ``views_per_image > 1``, every view of the batch, each ``(B, 3, H,
+            W)`` and its own random augmentation of the same images (``images`` is ``views[0]``); else empty.
     """
 
     images: torch.Tensor
@@ -58,6 +62,12 @@ class Batch:
     indices: torch.Tensor
     step: int
     epoch: int = 0
+    epochs_done: float = 0.0
+    views: tuple[torch.Tensor, ...] = ()
+
+    def view(self, index: int) -> torch.Tensor:
+        """The ``index``-th augmentation of the batch (``images`` when the objective asked for one view)."""
+        return self.views[index] if self.views else self.images
 
 
 class TrainingObjective(nn.Module, ABC):
@@ -86,6 +96,21 @@ class TrainingObjective(nn.Module, ABC):
     def checkpoint_encoders(self) -> dict[str, Encoder]:
         """Encoders a resumable checkpoint must hold, by name (``encoder`` is the run's result)."""
         return {"encoder": self.output_encoder()}
+
+    def extra_outputs(self) -> dict[str, Encoder]:
+        """Encoders a finished run saves beside its result, by path relative to the run directory (a cohort's
+        models: ``members/0``...); each gets the run's provenance."""
+        return {}
+
+    def model_section(self) -> EncoderConfig:
+        """The ``model`` section the run's resolved ``config.yaml`` records: the output encoder's config (a student
+        takes its teacher's dimension), or what a cohort builds its models from."""
+        return self.output_encoder().config
+
+    @property
+    def views_per_image(self) -> int:
+        """Augmentations of each training image a batch carries (``Batch.views``); 1 for most objectives."""
+        return 1
 
     @abstractmethod
     def param_groups(self, optim: Any) -> list[dict[str, Any]]:
@@ -122,6 +147,7 @@ OBJECTIVES: Registry[Callable[..., TrainingObjective]] = Registry("training obje
 def create_objective(config: TrainConfig, train_dataset: LabelledImageDataset) -> TrainingObjective:
     """Build the objective ``config.objective`` names (the built-in ones register on first use)."""
     import training.objectives.distillation
-    import training.objectives.metric  # noqa: F401  (registers "metric")
+    import training.objectives.metric
+    import training.objectives.mutual  # noqa: F401  (registers "metric", "distillation", "mutual")
 
     return OBJECTIVES.get(config.objective)(config, train_dataset)

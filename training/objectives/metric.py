@@ -3,6 +3,7 @@
 This is the objective every recipe trained before objectives existed, kept step for step: the encoder is
 built before the loss (so the RNG draws, and the quickstart's weights, are what they were), the loss runs in
 full precision on the encoder's output, and the loss's parameters (proxies) are the ``loss`` optimiser group.
+A ``mixup`` section adds Metrix's mixed loss (``training.mixup``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from retrieval.data.labels import class_parents
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
 from training.losses import create_loss, is_distillation_loss, needs_hierarchy
+from training.mixup import Mixup
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
 from training.optim import param_groups
 from training.starting_weights import build_encoder
@@ -25,7 +27,7 @@ from training.starting_weights import build_encoder
 if TYPE_CHECKING:
     from training.config import OptimConfig, TrainConfig
 
-__all__ = ["MetricLearningObjective", "build_metric_loss"]
+__all__ = ["MetricLearningObjective", "build_metric_loss", "build_mixup"]
 
 
 @OBJECTIVES.register("metric")
@@ -42,6 +44,7 @@ class MetricLearningObjective(TrainingObjective):
         self.config = config
         self.encoder = build_encoder(config)
         self.loss_fn = build_metric_loss(config, train_dataset)
+        self.mixup = build_mixup(config, self.loss_fn, train_dataset)
 
     def output_encoder(self) -> Encoder:
         return self.encoder
@@ -50,9 +53,14 @@ class MetricLearningObjective(TrainingObjective):
         return param_groups(self.encoder, self.loss_fn, optim)
 
     def loss(self, batch: Batch) -> torch.Tensor:
+        if self.mixup is None:
+            with self.autocast():
+                embeddings = self.encoder(batch.images)
+            return self.loss_fn(embeddings.float(), batch.labels)  # losses run in full precision
+        pairs = self.mixup.pairs(batch.labels, batch.step)
         with self.autocast():
-            embeddings = self.encoder(batch.images)
-        return self.loss_fn(embeddings.float(), batch.labels)  # losses run in full precision
+            clean, mixed = self.mixup.embed(self.encoder, batch.images, pairs)
+        return self.mixup.loss(clean, batch.labels, mixed, pairs)
 
     def state_dict_extra(self) -> dict[str, Any]:
         return {"loss": self.loss_fn.state_dict()}
@@ -64,7 +72,8 @@ class MetricLearningObjective(TrainingObjective):
         return evaluate_embeddings(embed(self.encoder, dataset), dataset.labels, schema=dataset.schema)
 
     def provenance(self) -> dict[str, Any]:
-        return {"loss": self.config.loss.name}
+        mixup = {} if self.config.mixup is None else {"mixup": self.config.mixup.model_dump()}
+        return {"loss": self.config.loss.name, **mixup}
 
 
 def build_metric_loss(config: TrainConfig, train_dataset: LabelledImageDataset) -> torch.nn.Module:
@@ -97,3 +106,22 @@ def build_metric_loss(config: TrainConfig, train_dataset: LabelledImageDataset) 
         except ValueError as exc:
             raise DatasetError(f"loss {name!r} needs nested labels: {exc}") from None
     return create_loss(name, num_classes, config.model.embedding_dim, hierarchy=hierarchy, **params)
+
+
+def build_mixup(
+    config: TrainConfig, loss_fn: torch.nn.Module, train_dataset: LabelledImageDataset, *, stream: int = 0
+) -> Mixup | None:
+    """The recipe's Metrix step for ``loss_fn`` (``None`` without a ``mixup`` section).
+
+    Raises:
+        ConfigError: an unknown ``mixup.level``, or a loss without a soft-label form.
+    """
+    if config.mixup is None:
+        return None
+    level = 0
+    if config.mixup.level is not None:
+        try:
+            level = train_dataset.schema.index(config.mixup.level)
+        except ValueError as exc:
+            raise ConfigError(f"mixup.level: {exc}") from None
+    return Mixup(config.mixup, loss_fn, level=level, seed=config.seed, stream=stream)
