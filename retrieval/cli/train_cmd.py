@@ -55,8 +55,11 @@ def train(
     embeddings at 224 px, a normalised-softmax head per label level of the CSV (the heads, sibling batches and
     their parent level follow the number of levels), 600 steps. See docs/training-own-photos.md.
 
-    The recipe's `objective` says what is trained: `metric` (one encoder and a metric loss, the default) or
-    `distillation` (a student query encoder; `retrieval distill` is the same with a --teacher option).
+    The recipe's `objective` says what is trained: `metric` (one encoder and a metric loss, the default),
+    `mutual` (a DM² cohort that learns together: a `mutual:` section, e.g. --set mutual.size=2; OUT/encoder is
+    the cohort's ensemble and OUT/members/<i> each model) or `distillation` (a student query encoder;
+    `retrieval distill` is the same with a --teacher option). A `mixup:` section (--set mixup.kind=embedding)
+    adds Metrix mixup to a loss with a soft-label form (contrastive, multi-similarity, proxy anchor, ProxyNCA++).
 
     Config values merge as defaults < recipe < --set overrides; the resolved config is saved beside the
     checkpoint. With schedule.max_minutes the run measures its speed and fits the learning-rate schedule to
@@ -86,6 +89,8 @@ def train(
         f"{summary['steps']} steps ({summary['stopped']}), {summary['seconds']:.0f}s this run; "
         f"encoder: {summary['encoder_path']}"
     )
+    if summary["extra_paths"]:
+        console.print("saved beside it: " + ", ".join(summary["extra_paths"]), highlight=False)
 
 
 def data_options(images: Path | None, val_images: Path | None) -> dict[str, object]:
