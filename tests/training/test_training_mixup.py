@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_synthetic import TINY_DATA, tiny_splits
 
 from models.encoder import Encoder, EncoderConfig
 from retrieval.config import ConfigError
-from retrieval.data.synthetic import SyntheticConfig, generate_split
+from retrieval.data.synthetic import generate_split
 from retrieval.data.transforms import PreprocessConfig
 from training.config import MixupConfig, TrainConfig
 from training.losses import create_loss
@@ -17,10 +18,6 @@ from training.mixup import Mixup, draw_mixing_pairs, mix, soft_label_losses
 from training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-TINY_DATA = SyntheticConfig(
-    seed=3, image_size=32, num_colours=2, num_textures=2, train_per_class=8, val_per_class=3, test_combos_per_shape=1
-)
 
 
 def test_each_anchor_mixes_one_of_its_positives_with_one_of_its_negatives():
@@ -126,7 +123,7 @@ def test_a_loss_without_a_soft_label_form_is_refused_with_the_ones_that_have_it(
 
 @pytest.mark.parametrize("kind", ["input", "feature", "embedding"])
 def test_a_run_with_mixup_trains_and_records_it(kind, tmp_path):
-    train, val = generate_split(TINY_DATA, "train"), generate_split(TINY_DATA, "val")
+    train, val = tiny_splits()
     config = TrainConfig.model_validate(
         {
             "name": "tiny-metrix",

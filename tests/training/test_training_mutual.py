@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_synthetic import TINY_DATA, tiny_splits
 
 from models.checkpoint import load_encoder
 from models.ensemble import EnsembleEncoder
 from retrieval.config import ConfigError
-from retrieval.data.synthetic import SyntheticConfig, generate_split
 from retrieval.data.transforms import AugmentConfig, PreprocessConfig, build_transforms
 from training.batches import MultiView, SeededSamples
 from training.config import TrainConfig
@@ -25,14 +25,10 @@ from training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY_DATA = SyntheticConfig(
-    seed=3, image_size=32, num_colours=2, num_textures=2, train_per_class=8, val_per_class=3, test_combos_per_shape=1
-)
-
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    return generate_split(TINY_DATA, "train"), generate_split(TINY_DATA, "val")
+    return tiny_splits()
 
 
 def _config(mutual: dict | None = None, **overrides) -> TrainConfig:

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_synthetic import TINY_DATA, tiny_splits
 
 from models.backbones import BackboneError
 from models.checkpoint import load_encoder
 from retrieval.config import load_config
 from retrieval.data.sampler import HierarchicalPKSampler, PKBatchSampler
-from retrieval.data.synthetic import SyntheticConfig, generate_split
+from retrieval.data.synthetic import generate_split
 from training.batches import SeededSamples, step_batches
 from training.checkpoints import TRAIN_STATE_FILE, capture_rng_state, restore_rng_state
 from training.config import TrainConfig
@@ -27,14 +28,10 @@ from training.trainer import train as train_from_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY_DATA = SyntheticConfig(
-    seed=3, image_size=32, num_colours=2, num_textures=2, train_per_class=8, val_per_class=3, test_combos_per_shape=1
-)
-
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    return generate_split(TINY_DATA, "train"), generate_split(TINY_DATA, "val")
+    return tiny_splits()
 
 
 def _config(**overrides) -> TrainConfig:

@@ -8,6 +8,8 @@ A ``mixup`` section adds Metrix's mixed loss (``training.mixup``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,7 +29,7 @@ from training.starting_weights import build_encoder
 if TYPE_CHECKING:
     from training.config import OptimConfig, TrainConfig
 
-__all__ = ["MetricLearningObjective", "build_metric_loss", "build_mixup"]
+__all__ = ["MetricLearningObjective", "build_metric_loss", "build_mixup", "model_loss"]
 
 
 @OBJECTIVES.register("metric")
@@ -53,14 +55,8 @@ class MetricLearningObjective(TrainingObjective):
         return param_groups(self.encoder, self.loss_fn, optim)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        if self.mixup is None:
-            with self.autocast():
-                embeddings = self.encoder(batch.images)
-            return self.loss_fn(embeddings.float(), batch.labels)  # losses run in full precision
-        pairs = self.mixup.pairs(batch.labels, batch.step)
-        with self.autocast():
-            clean, mixed = self.mixup.embed(self.encoder, batch.images, pairs)
-        return self.mixup.loss(clean, batch.labels, mixed, pairs)
+        loss, _ = model_loss(self.encoder, self.loss_fn, self.mixup, batch.images, batch, self.autocast)
+        return loss
 
     def state_dict_extra(self) -> dict[str, Any]:
         return {"loss": self.loss_fn.state_dict()}
@@ -125,3 +121,26 @@ def build_mixup(
         except ValueError as exc:
             raise ConfigError(f"mixup.level: {exc}") from None
     return Mixup(config.mixup, loss_fn, level=level, seed=config.seed, stream=stream)
+
+
+def model_loss(
+    encoder: Encoder,
+    loss_fn: torch.nn.Module,
+    mixup: Mixup | None,
+    images: torch.Tensor,
+    batch: Batch,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, clean float32 embeddings)`` of one model on ``images`` (the batch's, or one of its views).
+
+    The forward pass runs under ``autocast``; the loss in full precision, with Metrix's mixed loss added when the
+    model has a ``mixup`` step. Shared by the metric objective and each model of a DM² cohort.
+    """
+    if mixup is None:
+        with autocast():
+            clean = encoder(images)
+        return loss_fn(clean.float(), batch.labels), clean.float()
+    pairs = mixup.pairs(batch.labels, batch.step)
+    with autocast():
+        clean, mixed = mixup.embed(encoder, images, pairs)
+    return mixup.loss(clean, batch.labels, mixed, pairs), clean.float()

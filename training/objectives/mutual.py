@@ -35,7 +35,7 @@ from retrieval.data.datasets import LabelledImageDataset
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
-from training.objectives.metric import build_metric_loss, build_mixup
+from training.objectives.metric import build_metric_loss, build_mixup, model_loss
 from training.optim import param_groups
 from training.starting_weights import build_encoder
 
@@ -160,16 +160,8 @@ class MutualLearningObjective(TrainingObjective):
                     embeddings.append(encoder(images).float())
                 metric_losses.append(None)
                 continue
-            if mixup is None:
-                with self.autocast():
-                    clean = encoder(images).float()
-                metric_losses.append(loss_fn(clean, batch.labels))
-            else:
-                pairs = mixup.pairs(batch.labels, batch.step)
-                with self.autocast():
-                    clean, mixed = mixup.embed(encoder, images, pairs)
-                clean = clean.float()
-                metric_losses.append(mixup.loss(clean, batch.labels, mixed, pairs))
+            metric, clean = model_loss(encoder, loss_fn, mixup, images, batch, self.autocast)
+            metric_losses.append(metric)
             embeddings.append(clean)
         relations = [relation_matrix(vectors) for vectors in embeddings]
         weight = self.relation_weight(batch.epochs_done)
