@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
             for name in names:
-                seconds = _seconds_per_step(OPTIONS[name], args.steps, args.size, train, Path(tmp) / name)
+                workdir = Path(tmp) / f"{name}-{round_index}"
+                seconds = _seconds_per_step(OPTIONS[name], args.steps, args.size, train, workdir)
                 times[name].append(seconds)
             print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     plain = statistics.median(times["plain"])

@@ -2,7 +2,7 @@
 
 Usage:
     python experiments/dm2_metrix.py [--datasets synthetic,clothing] [--parts dm2,metrix] [--seeds 0,1,2]
-        [--steps 120] [--threads 1] [--out docs/experiments] [--workdir runs/experiments/dm2-metrix]
+        [--steps 150] [--size 48] [--threads 1] [--out docs/experiments] [--workdir runs/experiments/dm2-metrix]
 
 Every run trains the ``quickstart`` architecture (timm ``resnet10t`` from scratch, GeM, 128-d) for the same number
 of optimiser steps per model (the fixed budget: a cohort of L models costs about L times one model), then embeds
@@ -54,24 +54,27 @@ METRIX_LOSSES: dict[str, dict[str, Any]] = {
     "ProxyNCA++": {"name": "multiscale_proxy_nca_pp", "params": {}},
 }
 MIXUPS = ("none", "input", "feature", "embedding")
+BATCH_CLASSES, BATCH_IMAGES = 8, 4
+#: The relation loss's weight rises over this fraction of the run (the paper's 3 epochs are of runs of hundreds).
+WARMUP_FRACTION = 0.2
 
 
-def _datasets(name: str) -> tuple[Any, Any, list[str]]:
+def _datasets(name: str, size: int) -> tuple[Any, Any, list[str]]:
     """``(train, test, recipe overrides)`` of one dataset."""
     from retrieval.config import load_config
     from retrieval.data.synthetic import generate_split
     from training.config import TrainConfig
     from training.recipe_paths import recipe_path
 
+    batch = [f"sampler.classes_per_batch={BATCH_CLASSES}", f"sampler.images_per_class={BATCH_IMAGES}"]
     if name == "synthetic":
-        synthetic = load_config(TrainConfig, recipe_path(RECIPE)).data.synthetic
-        return generate_split(synthetic, "train"), generate_split(synthetic, "test"), []
+        synthetic = load_config(TrainConfig, recipe_path(RECIPE), [f"data.synthetic.image_size={size}"]).data.synthetic
+        return generate_split(synthetic, "train"), generate_split(synthetic, "test"), batch
     from retrieval.data.datasets import open_dataset
 
     labels = CLOTHING / "labels.csv"
     train, test = open_dataset(labels, split="validation"), open_dataset(labels, split="test")
-    overrides = ["sampler.classes_per_batch=8", "sampler.images_per_class=4", "sampler.siblings=1"]
-    return _in_memory(train), _in_memory(test), overrides
+    return _in_memory(train), _in_memory(test), batch
 
 
 def _in_memory(dataset: Any, long_side: int = 128) -> Any:
@@ -96,6 +99,7 @@ def _config(loss: dict[str, Any], seed: int, args: argparse.Namespace, overrides
         recipe_path(RECIPE),
         [
             *overrides,
+            f"model.preprocess.input_size={args.size}",
             f"schedule.max_steps={args.steps}",
             "schedule.max_minutes=null",
             "checkpoint_every=0",
@@ -138,7 +142,8 @@ def _train(config: Any, train: Any, out: Path) -> tuple[Any, float]:
 
 def _dm2_run(variant: str, cohort: int, seed: int, data: tuple[Any, Any, list[str]], args: Any, out: Path) -> dict:
     train, test, overrides = data
-    mutual = {"size": cohort, **DM2_VARIANTS[variant]}
+    warmup_epochs = WARMUP_FRACTION * args.steps * BATCH_CLASSES * BATCH_IMAGES / len(train)
+    mutual = {"size": cohort, "warmup_epochs": warmup_epochs, **DM2_VARIANTS[variant]}
     trainer, seconds = _train(_config(DM2_LOSS, seed, args, overrides, mutual=mutual), train, out)
     vectors = [trainer.embed(test, model) for model in trainer.objective.models]
     result = {
@@ -233,7 +238,8 @@ def _markdown(part: str, dataset: str, runs: list[dict], meta: dict[str, Any]) -
         f"# {title} on {dataset}",
         "",
         f"Encoder: the `{RECIPE}` architecture (timm resnet10t from scratch, GeM, 128-d) at {meta['size']} px;",
-        f"{steps} optimiser steps per model (the fixed budget), batches of {meta['batch']}, seeds"
+        f"{steps} optimiser steps per model (the fixed budget), batches of {meta['batch']} ({BATCH_CLASSES} classes x"
+        f" {BATCH_IMAGES}), seeds"
         f" {', '.join(map(str, seeds))}; test split, every image querying all the others;",
         "metrics in %, mean ± std over seeds. Median CPU seconds per model step: "
         f"{_seconds_per_model_step(runs, steps):.2f} (2-core machine; other work shared it during some runs).",
@@ -244,7 +250,7 @@ def _markdown(part: str, dataset: str, runs: list[dict], meta: dict[str, Any]) -
             "Base loss: triplet (margin 0.2) with distance-weighted sampling, summed over the levels. *single* = mean",
             "over the cohort's models, *ensemble* = their embeddings concatenated and re-normalised. *independent* =",
             "the same cohort with the relation loss off (weight 0): models that learn alone, on the same batches.",
-            "DM²: relation-loss weight 20, warmed up over 3 epochs.",
+            f"DM²: relation-loss weight 20, warmed up linearly over the first {WARMUP_FRACTION:.0%} of the steps.",
             "",
         ]
     else:
@@ -253,7 +259,7 @@ def _markdown(part: str, dataset: str, runs: list[dict], meta: dict[str, Any]) -
             "(lam ~ Beta(2, 2), mixed-loss weight 0.4, pairs drawn at the fine level), losses summed over the levels.",
             "",
         ]
-    lines += ["Regenerate with:", "", f"    {meta['command']}", ""]
+    lines += ["Regenerate with:", "", f"    {meta['command']} --datasets {dataset}", ""]
     table = _dm2_table if part == "dm2" else _metrix_table
     for level in ["fine", *[lv for lv in levels if lv != "fine"], "mean"]:
         for metric in ("R@1", "mAP"):
@@ -278,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="synthetic,clothing", help="comma-separated: synthetic, clothing")
     parser.add_argument("--parts", default="dm2,metrix", help="comma-separated: dm2, metrix")
-    parser.add_argument("--steps", type=int, default=120, help="optimiser steps per model (the fixed budget)")
+    parser.add_argument("--steps", type=int, default=150, help="optimiser steps per model (the fixed budget)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--size", type=int, default=48, help="input size in pixels (synthetic images rendered at it)")
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"))
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments/dm2-metrix"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -295,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if "clothing" in datasets and not (CLOTHING / "labels.csv").is_file():
         print(f"skipping clothing: {CLOTHING} is absent", file=sys.stderr)
         datasets.remove("clothing")
-    command = f"python experiments/dm2_metrix.py --steps {args.steps} --seeds {args.seeds} --threads 1"
+    command = (
+        f"python experiments/dm2_metrix.py --steps {args.steps} --size {args.size} --seeds {args.seeds} --threads 1"
+    )
     if not args.report_only:
         for dataset in datasets:
-            data = _datasets(dataset)
+            data = _datasets(dataset, args.size)
             print(f"{dataset}: train {len(data[0])}, test {len(data[1])}", file=sys.stderr)
             for seed in [int(s) for s in args.seeds.split(",")]:
                 for part, method, variant, cohort in _plan(parts):
