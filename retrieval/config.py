@@ -53,13 +53,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``key=value`` override written into its nested dicts."""
+    """Return a copy of ``data`` with each ``key=value`` override written into its nested dicts.
+
+    A key below an unset optional section (``mutual.size=2`` where ``mutual`` is null) creates the section.
+    """
     result = json.loads(json.dumps(data))  # deep copy of plain data
     for text in overrides:
         path, value = parse_override(text)
         node = result
         for part in path[:-1]:
             child = node.setdefault(part, {})
+            if child is None:  # an optional section left unset (``mixup: null``): the override creates it
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
             node = child

@@ -229,3 +229,13 @@ def test_a_mutual_section_selects_the_mutual_objective_and_bad_sections_are_refu
 def test_a_member_override_that_does_not_validate_names_the_member(tiny_data):
     with pytest.raises(ConfigError, match=r"mutual.members\[1\].model"):
         MutualLearningObjective(_config({"members": [{}, {"model": {"embedding_dim": -3}}]}), tiny_data[0])
+
+
+def test_a_set_override_creates_an_unset_optional_section():
+    from retrieval.config import ConfigError, load_config
+    from training.recipe_paths import recipe_path
+
+    config = load_config(TrainConfig, recipe_path("quickstart"), ["mutual.size=3", "mixup.kind=input"])
+    assert config.objective == "mutual" and config.mutual.cohort_size == 3 and config.mixup.kind == "input"
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(TrainConfig, recipe_path("quickstart"), ["seed.value=3"])
