@@ -124,13 +124,6 @@ def _report(vectors: Any, test: Any) -> dict[str, Any]:
     return {"per_level": report.per_level, "mean": report.mean}
 
 
-def _ensemble(parts: list[Any]) -> Any:
-    import numpy as np
-
-    joined = np.concatenate(parts, axis=1)
-    return joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)
-
-
 def _train(config: Any, train: Any, out: Path) -> tuple[Any, float]:
     from training.trainer import Trainer
 
@@ -141,6 +134,8 @@ def _train(config: Any, train: Any, out: Path) -> tuple[Any, float]:
 
 
 def _dm2_run(variant: str, cohort: int, seed: int, data: tuple[Any, Any, list[str]], args: Any, out: Path) -> dict:
+    from models.ensemble import join_embeddings
+
     train, test, overrides = data
     warmup_epochs = WARMUP_FRACTION * args.steps * BATCH_CLASSES * BATCH_IMAGES / len(train)
     mutual = {"size": cohort, "warmup_epochs": warmup_epochs, **DM2_VARIANTS[variant]}
@@ -148,11 +143,11 @@ def _dm2_run(variant: str, cohort: int, seed: int, data: tuple[Any, Any, list[st
     vectors = [trainer.embed(test, model) for model in trainer.objective.models]
     result = {
         "models": [_report(v, test) for v in vectors],
-        "ensemble": _report(_ensemble(vectors), test),
+        "ensemble": _report(join_embeddings(vectors), test),
         "seconds": seconds,
     }
     if variant == "independent" and cohort == 4:  # the independent cohort of 2: its first two models
-        result["cohort2"] = {"models": result["models"][:2], "ensemble": _report(_ensemble(vectors[:2]), test)}
+        result["cohort2"] = {"models": result["models"][:2], "ensemble": _report(join_embeddings(vectors[:2]), test)}
     return result
 
 
@@ -319,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
                         result = _dm2_run(variant, cohort, seed, data, args, out)
                     else:
                         result = _metrix_run(method, variant, seed, data, args, out)
-                    config = _config({}, seed, args, data[2])
                     record = {
                         "dataset": dataset,
                         "part": part,
@@ -328,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cohort": cohort,
                         "seed": seed,
                         "steps": args.steps,
-                        "size": config.model.preprocess.input_size,
-                        "batch": config.sampler.classes_per_batch * config.sampler.images_per_class,
+                        "size": args.size,
+                        "batch": BATCH_CLASSES * BATCH_IMAGES,
                         "result": result,
                     }
                     path.parent.mkdir(parents=True, exist_ok=True)

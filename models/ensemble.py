@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
@@ -26,7 +27,7 @@ from models.encoder import ENSEMBLE_BACKBONE, Encoder, EncoderConfig
 from retrieval.config import ConfigError, format_validation_error
 from retrieval.errors import UserFacingError
 
-__all__ = ["EnsembleEncoder", "NoFeatureMapError", "ensemble_config"]
+__all__ = ["EnsembleEncoder", "NoFeatureMapError", "ensemble_config", "join_embeddings"]
 
 
 class NoFeatureMapError(UserFacingError, NotImplementedError):
@@ -149,3 +150,14 @@ class EnsembleEncoder(Encoder):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         parts = [member(images) for member in self.members]
         return F.normalize(torch.cat(parts, dim=1), p=2.0, dim=1, eps=1e-12)
+
+
+def join_embeddings(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """What :class:`EnsembleEncoder` computes, from the members' embeddings of the same images already at hand:
+    ``(N, D_i)`` arrays concatenated and L2-normalised again, float32 ``(N, sum D_i)``.
+
+    Scoring a cohort embeds each model once and joins the vectors, instead of running every model a second time
+    inside the ensemble.
+    """
+    joined = np.concatenate([np.asarray(part, dtype=np.float32) for part in parts], axis=1)
+    return joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)

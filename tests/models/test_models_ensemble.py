@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from models import (
     save_encoder,
 )
 from models.encoder import eval_mode
+from models.ensemble import join_embeddings
 from retrieval.config import ConfigError
 from retrieval.data.transforms import PreprocessConfig
 
@@ -69,6 +71,17 @@ def test_ensemble_is_the_renormalised_concatenation_of_its_members():
     with torch.no_grad():
         member_cosines = torch.stack([(m(images) * m(other)).sum(1) for m in members]).mean(0)
         torch.testing.assert_close((out * ensemble(other)).sum(1), member_cosines)
+
+
+def test_join_embeddings_computes_the_ensemble_from_the_members_vectors():
+    members = _cohort()
+    ensemble = EnsembleEncoder.from_members(members).eval()
+    images = _images(batch=4)
+    with torch.no_grad():
+        joined = join_embeddings([member(images).numpy() for member in members])
+        expected = ensemble(images).numpy()
+    assert joined.dtype == np.float32 and joined.shape == expected.shape
+    np.testing.assert_allclose(joined, expected, atol=1e-6)
 
 
 def test_ensemble_config_follows_its_members():

@@ -29,7 +29,7 @@ from training.starting_weights import build_encoder
 if TYPE_CHECKING:
     from training.config import OptimConfig, TrainConfig
 
-__all__ = ["MetricLearningObjective", "build_metric_loss", "build_mixup", "model_loss"]
+__all__ = ["MetricLearningObjective", "build_metric_loss", "build_mixup", "mixup_provenance", "model_loss"]
 
 
 @OBJECTIVES.register("metric")
@@ -68,8 +68,7 @@ class MetricLearningObjective(TrainingObjective):
         return evaluate_embeddings(embed(self.encoder, dataset), dataset.labels, schema=dataset.schema)
 
     def provenance(self) -> dict[str, Any]:
-        mixup = {} if self.config.mixup is None else {"mixup": self.config.mixup.model_dump()}
-        return {"loss": self.config.loss.name, **mixup}
+        return {"loss": self.config.loss.name, **mixup_provenance(self.config)}
 
 
 def build_metric_loss(config: TrainConfig, train_dataset: LabelledImageDataset) -> torch.nn.Module:
@@ -121,6 +120,11 @@ def build_mixup(
         except ValueError as exc:
             raise ConfigError(f"mixup.level: {exc}") from None
     return Mixup(config.mixup, loss_fn, level=level, seed=config.seed, stream=stream)
+
+
+def mixup_provenance(config: TrainConfig) -> dict[str, Any]:
+    """What an encoder's provenance records of the run's Metrix settings (nothing without a ``mixup`` section)."""
+    return {} if config.mixup is None else {"mixup": config.mixup.model_dump()}
 
 
 def model_loss(

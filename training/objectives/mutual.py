@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from models.encoder import Encoder, EncoderConfig
-from models.ensemble import EnsembleEncoder
+from models.ensemble import EnsembleEncoder, join_embeddings
 from retrieval.config import ConfigError
 from retrieval.data.datasets import LabelledImageDataset
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
-from training.objectives.metric import build_metric_loss, build_mixup, model_loss
+from training.objectives.metric import build_metric_loss, build_mixup, mixup_provenance, model_loss
 from training.optim import param_groups
 from training.starting_weights import build_encoder
 
@@ -96,8 +96,9 @@ class MutualLearningObjective(TrainingObjective):
         self.config = config
         self.mutual: MutualConfig = config.mutual
         self.base_model = config.model
+        member_configs = _member_configs(config)
         encoders, losses, mixups = [], [], []
-        for index, member_config in enumerate(_member_configs(config)):
+        for index, member_config in enumerate(member_configs):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_member_seed(config.seed, index, self.mutual.model_diversity))
                 encoders.append(build_encoder(member_config))
@@ -106,7 +107,7 @@ class MutualLearningObjective(TrainingObjective):
         self.models = nn.ModuleList(encoders)
         self.losses = nn.ModuleList(losses)
         self.mixups: list[Mixup | None] = mixups
-        self.loss_names = [member_config.loss.name for member_config in _member_configs(config)]
+        self.loss_names = [member_config.loss.name for member_config in member_configs]
         self.ensemble = EnsembleEncoder.from_members(encoders)
         self.last_reports: dict[str, EvaluationReport] = {}
 
@@ -186,17 +187,15 @@ class MutualLearningObjective(TrainingObjective):
     def evaluate(self, dataset: LabelledImageDataset, embed: EmbedFn) -> EvaluationReport:
         """The ensemble's report; every model's is kept in ``last_reports`` (``model0``..., ``ensemble``).
 
-        Each model embeds the set once; the ensemble's vectors are those embeddings concatenated and
-        re-normalised, which is what ``EnsembleEncoder`` computes.
+        Each model embeds the set once; the ensemble's vectors are those embeddings joined
+        (``models.ensemble.join_embeddings``, what ``EnsembleEncoder`` computes).
         """
         vectors = [np.asarray(embed(encoder, dataset), dtype=np.float32) for encoder in self.models]
         reports = {
             f"model{index}": evaluate_embeddings(member, dataset.labels, schema=dataset.schema)
             for index, member in enumerate(vectors)
         }
-        joined = np.concatenate(vectors, axis=1)
-        joined /= np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)
-        reports["ensemble"] = evaluate_embeddings(joined, dataset.labels, schema=dataset.schema)
+        reports["ensemble"] = evaluate_embeddings(join_embeddings(vectors), dataset.labels, schema=dataset.schema)
         self.last_reports = reports
         for name, report in reports.items():
             summary = ", ".join(f"{key} {100 * value:.2f}" for key, value in report.mean.items())
@@ -204,8 +203,7 @@ class MutualLearningObjective(TrainingObjective):
         return reports["ensemble"]
 
     def provenance(self) -> dict[str, Any]:
-        mixup = {} if self.config.mixup is None else {"mixup": self.config.mixup.model_dump()}
-        return {"loss": self.loss_names, "mutual": self.mutual.model_dump(), **mixup}
+        return {"loss": self.loss_names, "mutual": self.mutual.model_dump(), **mixup_provenance(self.config)}
 
 
 def _member_configs(config: TrainConfig) -> list[TrainConfig]:
