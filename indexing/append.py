@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,6 +80,7 @@ def add_to_index(
     keep_embeddings: bool = False,
     amp: bool = True,
     runtime: Runtime = "torch",
+    backend_options: Mapping[str, Any] | None = None,
 ) -> AddSummary:
     """Embed ``dataset`` and append it to the index directory at ``index_path``.
 
@@ -91,6 +94,7 @@ def add_to_index(
             (``indexing.extract_job.choose_runtime``).
         work_dir: the resumable extraction directory; default ``INDEX.add-extract`` beside the index.
         keep_embeddings: keep ``work_dir`` afterwards.
+        backend_options: override the manifest's backend options (e.g. the Qdrant ``url``).
 
     The new vectors go through the index's whitening, if it has one (see the module docstring).
 
@@ -104,8 +108,10 @@ def add_to_index(
     index_path = Path(index_path)
     gallery = as_gallery(dataset)
     options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart, runtime)
-    with open_index_dir(index_path) as current:  # the whole directory, checksum included, is checked before
-        manifest = current.manifest  # the long extraction; append_to_index_dir opens it again to write
+    # the whole directory, checksum included, is checked before the long extraction; append_to_index_dir
+    # opens it again to write
+    with open_index_dir(index_path, backend_options) as current:
+        manifest = current.manifest
     unknown = [level for level in gallery.levels if level not in manifest.levels]
     if unknown:
         index_levels = ", ".join(manifest.levels) or "none (an unlabelled index)"
@@ -131,7 +137,7 @@ def add_to_index(
         action="add", source=gallery.source, images=len(gallery), added=len(stored), skipped=len(stored.skipped)
     )
     first_id, count = append_to_index_dir(
-        index_path, stored.embeddings, stored.metadata_rows(), stored.skipped, history.to_dict()
+        index_path, stored.embeddings, stored.metadata_rows(), stored.skipped, history.to_dict(), backend_options
     )
     if not keep_embeddings:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from indexing.faiss_index import FaissIndex, TuneResult
 from indexing.index_dir import check_replaceable, write_index_dir
 from indexing.index_factory import choose_factory, default_memory_budget, parse_size
 from indexing.manifest import HistoryEntry, Manifest
+from indexing.vector_index import DEFAULT_BACKEND, VectorIndex, backend_class
 from indexing.whitening import WHITENING_METHODS, Whitening, fit_whitening
 from models.checkpoint import load_encoder
 from models.encoder import Encoder
@@ -64,6 +66,9 @@ __all__ = [
 AUTO_FACTORY = "auto"
 #: Gallery embeddings used as queries when tuning an approximate index.
 TUNE_QUERIES = 500
+#: What runs a build's extraction: this process's pipeline, or Ray Data over a Ray cluster.
+Engine = Literal["local", "ray"]
+ENGINES: tuple[str, ...] = ("local", "ray")
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +172,7 @@ class BuiltIndex:
         tuning: ``FaissIndex.tune``'s result, or None for exact search (Flat) or a single vector.
     """
 
-    index: FaissIndex
+    index: VectorIndex
     factory: str
     reason: str
     tuning: TuneResult | None
@@ -196,8 +201,15 @@ def make_index(
     num_tune_queries: int = TUNE_QUERIES,
     tune_queries: np.ndarray | None = None,
     seed: int = 0,
+    backend: str = DEFAULT_BACKEND,
+    backend_options: Mapping[str, Any] | None = None,
+    labels: Sequence[Mapping[str, str]] | None = None,
 ) -> BuiltIndex:
-    """Choose (for "auto"), train, fill and tune a FAISS index over L2-normalised ``vectors`` with ``ids``.
+    """Choose (for "auto"), train, fill and tune a vector index over L2-normalised ``vectors`` with ``ids``.
+
+    FAISS (the default ``backend``) is chosen, trained and tuned as below. Another backend (``"qdrant"``)
+    is created from ``backend_options`` and filled with the vectors and ``labels``; it chooses and tunes its
+    own structure, so ``factory`` must be "auto" (or the backend's own name) and nothing is tuned here.
 
     With "auto" and no ``memory_budget``, the budget is ``default_memory_budget()`` (half the RAM),
     and the reason recorded in the manifest says so.
@@ -217,6 +229,9 @@ def make_index(
         num_tune_queries: gallery embeddings held out as tuning queries (at most half the gallery).
         tune_queries: ``(Q, dim)`` unit vectors to tune with instead (e.g. real query embeddings).
         seed: seeds the training and query samples.
+        backend: a registered vector backend (``indexing.vector_index.VECTOR_BACKENDS``).
+        backend_options: the backend's options (Qdrant: ``url``, ``collection``); none for FAISS.
+        labels: each vector's labels by level, kept by backends that filter on labels themselves.
 
     Raises:
         ConfigError: a bad factory, budget or target, a budget too small for any index, or too few
@@ -224,6 +239,10 @@ def make_index(
     """
     vectors = np.asarray(vectors)
     ids = np.asarray(ids)
+    if backend != DEFAULT_BACKEND:
+        return _make_backend_index(vectors, ids, factory, memory_budget, backend, backend_options or {}, labels)
+    if backend_options:
+        raise ConfigError(f"the faiss backend takes no backend options, got {sorted(backend_options)}")
     budget = _budget(memory_budget, factory)
     _check_target(target_recall)
     if factory == AUTO_FACTORY:
@@ -265,6 +284,28 @@ def make_index(
     return BuiltIndex(index, factory, reason, tuning)
 
 
+def _make_backend_index(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    factory: str,
+    memory_budget: int | str | None,
+    backend: str,
+    options: Mapping[str, Any],
+    labels: Sequence[Mapping[str, str]] | None,
+) -> BuiltIndex:
+    """``make_index`` for a backend that builds its own structure (a Qdrant collection)."""
+    kind = backend_class(backend)
+    if memory_budget is not None:
+        raise ConfigError(f"--memory-budget sizes FAISS indexes; the {backend} backend sizes its own")
+    index = kind.create(vectors.shape[1], factory, options)
+    try:
+        index.add(vectors, ids, labels=labels)
+    except BaseException:
+        index.discard()
+        raise
+    return BuiltIndex(index, index.factory, f"{backend} backend (it chooses and tunes its own index)", None)
+
+
 def _budget(memory_budget: int | str | None, factory: str) -> int | None:
     if memory_budget is None:
         return None
@@ -302,6 +343,10 @@ def build_index(
     whiten_dim: int | None = None,
     whiten_images: str | Path | None = None,
     runtime: Runtime = "torch",
+    backend: str = DEFAULT_BACKEND,
+    backend_options: Mapping[str, Any] | None = None,
+    engine: Engine = "local",
+    actors: int | None = None,
 ) -> BuildSummary:
     """Embed ``dataset`` with the encoder checkpoint and write an index directory at ``out_path``.
 
@@ -335,6 +380,11 @@ def build_index(
         whiten_images: fit on this labelled gallery instead of the indexed one (e.g. a validation set).
         runtime: what runs the encoder: "torch", "onnx" (exported, run by ONNX Runtime on CPU) or "auto"
             (``indexing.extract_job.choose_runtime``).
+        backend: where the vectors go: "faiss" (``index.faiss`` in the directory) or "qdrant" (a collection).
+        backend_options: the backend's options (Qdrant: ``url``, ``collection``).
+        engine: what runs the extraction: "local" (this process) or "ray" (Ray Data, an actor pool over the
+            Ray cluster ``ray.init`` reaches; ``indexing.ray_extract``). Both write the same chunk files.
+        actors: encoder actors of the Ray engine (default: one per GPU, else per 2 CPUs).
 
     Raises:
         ConfigError: a bad factory string, memory budget, target recall or whitening option.
@@ -349,13 +399,19 @@ def build_index(
     gallery = as_gallery(dataset)
     options = ExtractOptions(batch_size, chunk_size, device, num_workers, amp, progress, restart, runtime)
     check_replaceable(Path(out_path))  # fail before the expensive extraction, not after it
-    check_index_options(factory, memory_budget, target_recall)
+    check_index_options(factory, memory_budget, target_recall, backend)
+    check_engine(engine)
     plan = plan_whitening(whiten, whiten_dim, whiten_images, gallery.levels)
     encoder = load_encoder(encoder_path, device=device)
-    if factory != AUTO_FACTORY:  # a bad factory string fails here too (at the whitened size, when it is known)
+    if factory != AUTO_FACTORY and backend == DEFAULT_BACKEND:  # a bad factory fails here too (whitened size)
         FaissIndex((plan.dim if plan else None) or encoder.embedding_dim, factory, device="cpu")
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(out_path)
-    store, run = extract_gallery(encoder, encoder_path, gallery, work_dir, options)
+    if engine == "ray":
+        from indexing.ray_extract import extract_gallery_ray
+
+        store, run = extract_gallery_ray(encoder, encoder_path, gallery, work_dir, options, num_actors=actors)
+    else:
+        store, run = extract_gallery(encoder, encoder_path, gallery, work_dir, options)
     stored = combine_stores([store])
     whitening = fit_planned_whitening(plan, stored, encoder, options) if plan else None
     summary = index_embeddings(
@@ -369,6 +425,8 @@ def build_index(
         start=start,
         run=run,
         whitening=whitening,
+        backend=backend,
+        backend_options=backend_options,
     )
     if not keep_embeddings:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -388,6 +446,8 @@ def merge_shards(
     whiten_images: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    backend: str = DEFAULT_BACKEND,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> BuildSummary:
     """Build one index from the extraction directories of ``index build --shard I/N`` runs.
 
@@ -403,13 +463,14 @@ def merge_shards(
         whiten, whiten_dim, whiten_images: as for :func:`build_index`; ``whiten_images`` is embedded with
             ``encoder_path`` (which must then be the shards' encoder) on ``device``.
         progress: progress bar while embedding ``whiten_images``.
+        backend, backend_options: as for :func:`build_index`.
 
     Raises:
         ExtractionMismatchError: shards of different jobs, overlapping, missing or unfinished.
     """
     start = time.perf_counter()
     check_replaceable(Path(out_path))
-    check_index_options(factory, memory_budget, target_recall)
+    check_index_options(factory, memory_budget, target_recall, backend)
     stores = [EmbeddingStore.open(path) for path in shard_dirs]
     plan = plan_whitening(whiten, whiten_dim, whiten_images, stores[0].spec.levels if stores else ())
     stored = combine_stores(stores)
@@ -431,6 +492,8 @@ def merge_shards(
         start=start,
         shards=len(stores),
         whitening=whitening,
+        backend=backend,
+        backend_options=backend_options,
     )
 
 
@@ -497,6 +560,8 @@ def index_embeddings(
     run: StoreRun | None = None,
     shards: int = 1,
     whitening: Whitening | None = None,
+    backend: str = DEFAULT_BACKEND,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> BuildSummary:
     """Choose, train, fill and tune the index over stored embeddings (whitened first, with ``whitening``) and write
     the index directory (with the whitening file)."""
@@ -505,7 +570,17 @@ def index_embeddings(
         examples = "; ".join(f"{path}: {reason}" for path, reason in stored.skipped.skipped[:3])
         raise DatasetError(f"none of the {spec.gallery_count} images could be read (e.g. {examples})")
     vectors = stored.embeddings if whitening is None else whitening.apply(stored.embeddings)
-    built = make_index(vectors, stored.positions, factory, memory_budget, target_recall)
+    rows = stored.metadata_rows()
+    built = make_index(
+        vectors,
+        stored.positions,
+        factory,
+        memory_budget,
+        target_recall,
+        backend=backend,
+        backend_options=backend_options,
+        labels=[row.labels for row in rows],
+    )
     index, fields = built.index, built.manifest_fields()
     history = HistoryEntry(
         action=action,
@@ -523,9 +598,10 @@ def index_embeddings(
         levels=list(spec.levels),
         skipped=len(stored.skipped),
         history=[history.to_dict()],
+        backend=index.backend,
         **fields,
     )
-    write_index_dir(out_path, index, stored.metadata_rows(), manifest, skipped=stored.skipped, whitening=whitening)
+    write_index_dir(out_path, index, rows, manifest, skipped=stored.skipped, whitening=whitening)
     seconds = time.perf_counter() - start
     logger.info("indexed %d images (%d skipped) into %s in %.1fs", index.ntotal, len(stored.skipped), out_path, seconds)
     return BuildSummary(
@@ -548,7 +624,18 @@ def _whitening_summary(whitening: Whitening | None) -> dict[str, Any] | None:
     return {**whitening.describe(), **({"pairs": pairs} if pairs is not None else {})}
 
 
-def check_index_options(factory: str, memory_budget: int | str | None, target_recall: float) -> None:
+def check_index_options(
+    factory: str, memory_budget: int | str | None, target_recall: float, backend: str = DEFAULT_BACKEND
+) -> None:
     """Bad index options fail before the extraction, not after it."""
+    backend_class(backend)  # an unknown backend lists the valid ones
+    if backend != DEFAULT_BACKEND and memory_budget is not None:
+        raise ConfigError(f"--memory-budget sizes FAISS indexes; the {backend} backend sizes its own")
     _budget(memory_budget, factory)
     _check_target(target_recall)
+
+
+def check_engine(engine: str) -> None:
+    """``engine`` is one of ``ENGINES``."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown extraction engine {engine!r}; valid: {', '.join(ENGINES)}")

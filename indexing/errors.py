@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from retrieval.errors import UserFacingError
 
-__all__ = ["GranularityError", "IndexFormatError", "NotCalibratedError", "UnknownGranularityError"]
+__all__ = ["GranularityError", "IndexFormatError", "NotCalibratedError", "UnknownGranularityError", "UnknownLevelError"]
 
 
 class IndexFormatError(UserFacingError, ValueError):
@@ -25,3 +25,7 @@ class NotCalibratedError(GranularityError):
 
 class UnknownGranularityError(GranularityError):
     """A granularity that is not one of the index's calibrated levels; the message lists them."""
+
+
+class UnknownLevelError(UserFacingError, ValueError):
+    """A label filter on a level the index does not have; the message lists the index's levels."""

@@ -1,4 +1,9 @@
-"""An index directory: ``manifest.json`` + ``index.faiss`` + ``metadata.sqlite`` (+ ``skipped.tsv``).
+"""An index directory: ``manifest.json`` + the vector index + ``metadata.sqlite`` (+ ``skipped.tsv``).
+
+The vector index is whichever backend the manifest names (``indexing.vector_index``): ``index.faiss`` in the
+directory for FAISS (the default, and every directory written before backends existed), a Qdrant collection
+named in the manifest for ``qdrant``. Search, label filters, granularity thresholds and metadata work the same
+on every backend.
 
 The directory is the unit that is built, shipped and served. It is written through
 ``retrieval.atomic.atomic_directory``: everything goes into a temporary sibling that is
@@ -19,7 +24,8 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -28,16 +34,18 @@ from typing import Any
 import numpy as np
 
 from indexing.calibration_plot import CALIBRATION_PLOT_FILE
-from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError
-from indexing.faiss_index import NO_ID, FaissIndex, SearchParams
+from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError, UnknownLevelError
+from indexing.faiss_index import INDEX_FILE, FaissIndex
 from indexing.granularity import filter_by_granularity, tag_hits
 from indexing.integrity import check_graph, check_scores, check_vectors, stores_exact_vectors
 from indexing.manifest import Manifest, WhiteningInfo
 from indexing.metadata import MetadataRow, MetadataStore
 from indexing.results import SearchHit, SearchResults
+from indexing.vector_index import NO_ID, LabelFilter, SearchParams, VectorIndex, backend_class
 from indexing.whitening import WHITENING_FILE, Whitening, load_whitening
 from retrieval.atomic import atomic_directory, recover_interrupted_swap
 from retrieval.data.images import SkipReport
+from retrieval.errors import UserFacingError
 from retrieval.resources import Closeable
 
 __all__ = [
@@ -58,14 +66,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.sqlite"
 SKIPPED_FILE = "skipped.tsv"
 
 
 def write_index_dir(
     path: str | Path,
-    index: FaissIndex,
+    index: VectorIndex,
     rows: Iterable[MetadataRow | Mapping[str, Any]],
     manifest: Manifest,
     skipped: SkipReport | None = None,
@@ -75,7 +82,9 @@ def write_index_dir(
 
     Args:
         path: the index directory to create or replace.
-        index: the filled FAISS index.
+        index: the filled vector index (any backend); a backend whose data lives outside the directory
+            (Qdrant) is published (``VectorIndex.publish``) once the directory is in place, and discarded if
+            writing it fails.
         rows: one metadata row per indexed id; consumed lazily, so it may be a generator.
         manifest: its ``dim`` and ``count`` must match ``index``.
         skipped: files left out of the build; written as ``skipped.tsv`` when non-empty.
@@ -102,6 +111,8 @@ def write_index_dir(
         raise IndexFormatError(f"manifest dim {manifest.dim} does not match the index dimension {index.dim}")
     if manifest.count != index.ntotal:
         raise IndexFormatError(f"manifest count {manifest.count} does not match the {index.ntotal} indexed vectors")
+    if manifest.backend != index.backend:
+        raise IndexFormatError(f"manifest backend {manifest.backend!r} does not match the index's {index.backend!r}")
     if manifest.factory != index.factory:
         raise IndexFormatError(f"manifest factory {manifest.factory!r} does not match the index's {index.factory!r}")
     if whitening is None and manifest.whitening is not None:
@@ -115,10 +126,24 @@ def write_index_dir(
             raise IndexFormatError(
                 f"manifest search_params {manifest.search_params} do not fit the {index.factory!r} index: {exc}"
             ) from None
-    with atomic_directory(path) as tmp:
-        manifest = _fill_directory(tmp, index, rows, manifest, skipped, whitening)
+    previous = _previous_manifest(path)
+    try:
+        with atomic_directory(path) as tmp:
+            manifest = _fill_directory(tmp, index, rows, manifest, skipped, whitening)
+    except BaseException:
+        index.discard()
+        raise
+    index.publish(previous)
     logger.info("wrote index directory %s (%d items, dim %d)", path, manifest.count, manifest.dim)
     return path
+
+
+def _previous_manifest(path: Path) -> Manifest | None:
+    """The manifest of the directory a write replaces (a backend drops its old data once the new one is live)."""
+    try:
+        return Manifest.read(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else None
+    except IndexFormatError:
+        return None
 
 
 def append_to_index_dir(
@@ -127,13 +152,17 @@ def append_to_index_dir(
     rows: list[MetadataRow],
     skipped: SkipReport,
     history: Mapping[str, Any],
+    backend_options: Mapping[str, Any] | None = None,
 ) -> tuple[int, int]:
     """Add vectors and their metadata to an existing index directory, atomically.
 
     Ids continue after the largest id in the index: ``rows[j].id`` (counted from 0 for this batch, gaps
-    allowed) becomes ``first_id + rows[j].id``. The FAISS index is extended in place (an IVF index keeps
-    its trained centroids), the metadata, skipped list, count, checksum and history are updated, and the
-    new directory replaces the old one only when complete: a crash leaves the previous index as it was.
+    allowed) becomes ``first_id + rows[j].id``. The vector index is extended (an IVF index keeps its trained
+    centroids), the metadata, skipped list, count, checksum and history are updated, and the new directory
+    replaces the old one only when complete: a crash leaves the previous index as it was. A backend that
+    writes in place (a Qdrant collection) has the new ids removed again when writing the directory fails;
+    only a hard kill between the two leaves extra points behind, which ``open_index_dir`` then reports as a
+    count mismatch.
 
     Args:
         path: the index directory.
@@ -142,6 +171,7 @@ def append_to_index_dir(
         rows: metadata with batch-relative ids.
         skipped: files of this batch left out as unreadable (appended to ``skipped.tsv``).
         history: the ``HistoryEntry`` dict recorded in the manifest.
+        backend_options: override the manifest's backend options, as for ``open_index_dir``.
 
     Returns:
         ``(first_id, count)``: the id offset used and the index size afterwards.
@@ -150,7 +180,7 @@ def append_to_index_dir(
         IndexFormatError: ``path`` is not a valid index directory, or the vectors do not fit it.
     """
     path = Path(path)
-    with open_index_dir(path) as current:
+    with open_index_dir(path, backend_options) as current:
         max_id = current.metadata.max_id()
         first_id = 0 if max_id is None else max_id + 1
         index = current.index
@@ -161,7 +191,7 @@ def append_to_index_dir(
         if current.whitening is not None:
             vectors = current.whitening.apply(vectors)
         ids = np.fromiter((first_id + row.id for row in rows), dtype=np.int64, count=len(rows))
-        index.add(vectors, ids)
+        index.add(vectors, ids, labels=[dict(row.labels) for row in rows])
         report = SkipReport.read(path / SKIPPED_FILE) if (path / SKIPPED_FILE).is_file() else SkipReport()
         report.skipped.extend(skipped.skipped)
         manifest = current.manifest.model_copy(
@@ -172,33 +202,41 @@ def append_to_index_dir(
             }
         )
         shifted = (replace(row, id=first_id + row.id) for row in rows)
-        with atomic_directory(path) as tmp:
-            shutil.copyfile(path / METADATA_FILE, tmp / METADATA_FILE)
-            if (path / CALIBRATION_PLOT_FILE).is_file():  # the calibration stays valid, so does its plot
-                shutil.copyfile(path / CALIBRATION_PLOT_FILE, tmp / CALIBRATION_PLOT_FILE)
-            _fill_directory(tmp, index, shifted, manifest, report, current.whitening)
+        try:
+            with atomic_directory(path) as tmp:
+                shutil.copyfile(path / METADATA_FILE, tmp / METADATA_FILE)
+                if (path / CALIBRATION_PLOT_FILE).is_file():  # the calibration stays valid, so does its plot
+                    shutil.copyfile(path / CALIBRATION_PLOT_FILE, tmp / CALIBRATION_PLOT_FILE)
+                _fill_directory(tmp, index, shifted, manifest, report, current.whitening)
+        except BaseException:
+            if index.writes_in_place:  # the live collection already holds them: take them out again
+                index.remove(ids)
+            raise
+        index.publish(current.manifest)
     logger.info("added %d items to %s (now %d)", len(rows), path, manifest.count)
     return first_id, manifest.count
 
 
 def _fill_directory(
     tmp: Path,
-    index: FaissIndex,
+    index: VectorIndex,
     rows: Iterable[MetadataRow | Mapping[str, Any]],
     manifest: Manifest,
     skipped: SkipReport | None,
     whitening: Whitening | None = None,
 ) -> Manifest:
     """Write index, metadata (added to any ``tmp`` already holds), skipped list, whitening and manifest into ``tmp``."""
-    index.save(tmp / INDEX_FILE)
+    options = index.write_to(tmp)
+    manifest = manifest.model_copy(update={"backend": index.backend, "backend_options": options})
     if whitening is not None:
         digest = whitening.save(tmp / WHITENING_FILE)
         manifest = manifest.model_copy(update={"whitening": _whitening_info(whitening, digest)})
     with MetadataStore(tmp / METADATA_FILE) as store:
         store.add_many(rows)
         stored = store.ids()
+    index_sha256 = file_sha256(tmp / INDEX_FILE) if INDEX_FILE in index.files else None
     manifest = manifest.model_copy(
-        update={"index_sha256": file_sha256(tmp / INDEX_FILE), "metadata_sha256": file_sha256(tmp / METADATA_FILE)}
+        update={"index_sha256": index_sha256, "metadata_sha256": file_sha256(tmp / METADATA_FILE)}
     )
     if not np.array_equal(stored, np.sort(index.ids())):
         raise IndexFormatError(
@@ -225,12 +263,17 @@ def check_replaceable(path: Path) -> None:
         )
 
 
-def open_index_dir(path: str | Path) -> IndexDirectory:
+def open_index_dir(path: str | Path, backend_options: Mapping[str, Any] | None = None) -> IndexDirectory:
     """Open an index directory for search, checking that its files agree.
 
+    Args:
+        path: the index directory.
+        backend_options: override options the manifest records for its backend (e.g. ``{"url": ...}`` to reach
+            the Qdrant collection through another address than the one it was built with).
+
     Raises:
-        IndexFormatError: not a directory, a missing file, an unsupported format version, or a
-            dimension/count mismatch between manifest, FAISS index and metadata.
+        IndexFormatError: not a directory, a missing file, an unsupported format version, an unknown backend,
+            an unreachable backend index, or a dimension/count mismatch between manifest, index and metadata.
     """
     path = Path(path)
     if not path.is_dir() and recover_interrupted_swap(path) is None:
@@ -238,7 +281,7 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
     for attempt in range(_OPEN_ATTEMPTS):
         version = _version(path)
         try:
-            opened = _open_version(path)
+            opened = _open_version(path, backend_options or {})
         except (IndexFormatError, OSError, sqlite3.Error):
             if attempt + 1 < _OPEN_ATTEMPTS and _version(path) != version:
                 continue  # a writer swapped a new version in while this one was read: read that one
@@ -249,6 +292,10 @@ def open_index_dir(path: str | Path) -> IndexDirectory:
     raise IndexFormatError(f"index directory {path} kept changing while it was opened; try again")
 
 
+#: A search's label filters: one, several (all must match) or none.
+Where = LabelFilter | Sequence[LabelFilter] | None
+#: Label filters whose matching ids an open FAISS index directory keeps (a server backend filters itself).
+_CACHED_FILTERS = 64
 #: How often ``open_index_dir`` reads again when writers keep replacing the directory under it.
 _OPEN_ATTEMPTS = 5
 
@@ -267,7 +314,7 @@ def _version(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _open_version(path: Path) -> IndexDirectory:
+def _open_version(path: Path, backend_options: Mapping[str, Any]) -> IndexDirectory:
     """Open the files at ``path`` once (``open_index_dir`` checks that they came from one version)."""
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
@@ -276,26 +323,40 @@ def _open_version(path: Path) -> IndexDirectory:
             f"(expected {MANIFEST_FILE}, {INDEX_FILE} and {METADATA_FILE})"
         )
     manifest = Manifest.read(manifest_file)
-    for name in (INDEX_FILE, METADATA_FILE):
+    if backend_options:
+        manifest = manifest.model_copy(update={"backend_options": {**manifest.backend_options, **backend_options}})
+    try:
+        backend = backend_class(manifest.backend)
+    except UserFacingError as exc:
+        raise IndexFormatError(f"index directory {path}: {exc}") from None
+    for name in (*backend.files, METADATA_FILE):
         if not (path / name).is_file():
             raise IndexFormatError(f"index directory {path} is incomplete: {name} is missing")
     _verify_checksum(path, manifest)
     try:
-        index = FaissIndex.load(path / INDEX_FILE, factory=manifest.factory)
-        if manifest.search_params:
-            index.set_default_params(SearchParams.from_dict(manifest.search_params))
+        index = backend.open(path, manifest)
     except (OSError, ValueError) as exc:
         raise IndexFormatError(f"index directory {path}: {' '.join(str(exc).split())}") from None
+    try:
+        return _check_and_wrap(path, manifest, index)
+    except BaseException:
+        index.close()
+        raise
+
+
+def _check_and_wrap(path: Path, manifest: Manifest, index: VectorIndex) -> IndexDirectory:
+    """Check the opened vector index against the manifest, open the metadata and whitening, wrap them."""
+    name = _index_name(manifest)
     if index.dim != manifest.dim:
         raise IndexFormatError(
-            f"index directory {path}: {MANIFEST_FILE} says dim {manifest.dim} but {INDEX_FILE} holds "
+            f"index directory {path}: {MANIFEST_FILE} says dim {manifest.dim} but {name} holds "
             f"{index.dim}-dimensional vectors"
         )
     if index.ntotal != manifest.count:
         raise IndexFormatError(
-            f"index directory {path}: {MANIFEST_FILE} says {manifest.count} items but {INDEX_FILE} holds {index.ntotal}"
+            f"index directory {path}: {MANIFEST_FILE} says {manifest.count} items but {name} holds {index.ntotal}"
         )
-    if manifest.index_sha256 is None:  # older manifest: check what can be checked without a checksum
+    if isinstance(index, FaissIndex) and manifest.index_sha256 is None:  # older manifest: check what can be checked
         check_vectors(index, f"index directory {path}: {INDEX_FILE}")
         check_graph(index, f"index directory {path}: {INDEX_FILE}")
     whitening = _open_whitening(path, manifest)
@@ -315,6 +376,14 @@ def _open_version(path: Path) -> IndexDirectory:
             f"index directory {path}: {METADATA_FILE} has {rows} rows but {MANIFEST_FILE} says {manifest.count} items"
         )
     return IndexDirectory(path, manifest, index, metadata, whitening)
+
+
+def _index_name(manifest: Manifest) -> str:
+    """How errors name the vector index: its file, or the backend's collection."""
+    if manifest.backend == "faiss":
+        return INDEX_FILE
+    located = manifest.backend_options.get("collection") or manifest.backend_options.get("physical")
+    return f"the {manifest.backend} index" + (f" {located!r}" if located else "")
 
 
 def _open_whitening(path: Path, manifest: Manifest) -> Whitening | None:
@@ -401,9 +470,13 @@ def _leftover_hint(path: Path) -> str:
 
 
 class IndexDirectory(Closeable):
-    """An opened index directory: manifest, FAISS index and metadata, searchable.
+    """An opened index directory: manifest, vector index (any backend) and metadata, searchable.
 
     Use ``open_index_dir`` to create one. Searching is safe from several threads.
+
+    Every search takes an optional ``where`` (``LabelFilter``: only items whose label at a level is one of some
+    values). A backend that stores labels evaluates it itself; for FAISS it becomes the set of matching ids,
+    read from the metadata once per filter and kept (the directory never changes under an open handle).
 
     Queries are given in the encoder's space (``query_dim``); when the index has a ``whitening`` it is
     applied to them here, exactly as it was to the stored vectors.
@@ -413,7 +486,7 @@ class IndexDirectory(Closeable):
         self,
         path: Path,
         manifest: Manifest,
-        index: FaissIndex,
+        index: VectorIndex,
         metadata: MetadataStore,
         whitening: Whitening | None = None,
     ) -> None:
@@ -425,6 +498,9 @@ class IndexDirectory(Closeable):
         self.metadata = metadata
         self.whitening = whitening
         self._exact = stores_exact_vectors(index)  # scores of exact unit vectors are bounded by 1
+        self._name = _index_name(manifest)
+        self._filter_ids: dict[LabelFilter, np.ndarray] = {}
+        self._filter_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -458,7 +534,13 @@ class IndexDirectory(Closeable):
             )
         return thresholds[granularity]
 
-    def search(self, query_embeddings: np.ndarray, k: int, granularity: str | None = None) -> list[SearchResults]:
+    def search(
+        self,
+        query_embeddings: np.ndarray,
+        k: int,
+        granularity: str | None = None,
+        where: Where = None,
+    ) -> list[SearchResults]:
         """Nearest gallery items for each query embedding, joined with their metadata.
 
         When the index is calibrated every hit carries ``level``, the finest level whose threshold its
@@ -473,6 +555,8 @@ class IndexDirectory(Closeable):
                 with ``manifest.encoder_id`` (in its space: the index whitens them when it has a whitening).
             k: hits wanted per query (fewer when the index holds fewer items, or fewer pass ``granularity``).
             granularity: a calibrated level name (e.g. ``"middle"``), or ``None`` for a plain k-NN search.
+            where: only items whose label matches (e.g. ``LabelFilter("coarse", ("shoes",))``); the hits are
+                the best ``k`` among them.
 
         Returns:
             One ``SearchResults`` per query, best first.
@@ -480,12 +564,13 @@ class IndexDirectory(Closeable):
         Raises:
             ValueError: wrong shape or dimension, or a non-positive ``k``.
             NotCalibratedError, UnknownGranularityError: see :meth:`threshold`.
+            UnknownLevelError: ``where`` names a level the index does not have.
         """
         if granularity is not None:
             self.threshold(granularity)  # fail before searching
-        return self.join_metadata(self.nearest(query_embeddings, k), granularity)
+        return self.join_metadata(self.nearest(query_embeddings, k, where), granularity)
 
-    def nearest(self, query_embeddings: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def nearest(self, query_embeddings: np.ndarray, k: int, where: Where = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """The vector search of ``search`` alone: ``(scores, ids)`` per query, best first, ``NO_ID`` in empty slots.
 
         ``search`` is ``nearest`` then ``join_metadata``; apart so that ``benchmarks/bench_query_stages.py``
@@ -496,13 +581,18 @@ class IndexDirectory(Closeable):
             IndexFormatError: the index returned scores unit vectors cannot have (a corrupt file).
         """
         queries = self._check_queries(query_embeddings)
+        restriction = self._restriction(where)
         with _faiss_threads_for(len(queries)):
-            scores, ids = self.index.search(queries, k)
-        check_scores(np.where(ids == NO_ID, 0.0, scores), queries, self._exact, f"index {self.path}: {INDEX_FILE}")
+            scores, ids = self.index.search(queries, k, **restriction)
+        check_scores(np.where(ids == NO_ID, 0.0, scores), queries, self._exact, f"index {self.path}: {self._name}")
         return list(zip(scores, ids, strict=True))
 
     def search_above(
-        self, query_embeddings: np.ndarray, min_score: float, limit: int | None = None
+        self,
+        query_embeddings: np.ndarray,
+        min_score: float,
+        limit: int | None = None,
+        where: Where = None,
     ) -> tuple[list[SearchResults], bool]:
         """Every gallery item scoring above ``min_score`` for each query (a range search), best first.
 
@@ -513,6 +603,7 @@ class IndexDirectory(Closeable):
             query_embeddings: ``(Q, query_dim)`` L2-normalised float32 embeddings (encoder space, as for ``search``).
             min_score: cosine similarity the hits must exceed (between whitened vectors, for a whitened index).
             limit: keep at most this many hits per query (``None``: all of them).
+            where: only items whose label matches, as for ``search``.
 
         Returns:
             One ``SearchResults`` per query, and whether the k-NN fallback was used.
@@ -523,13 +614,47 @@ class IndexDirectory(Closeable):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
         queries = self._check_queries(query_embeddings)
+        restriction = self._restriction(where)
         with _faiss_threads_for(len(queries)):
-            found = self.index.range_search(queries, float(min_score))
-        check_scores(found.scores, queries, self._exact, f"index {self.path}: {INDEX_FILE}")
+            found = self.index.range_search(queries, float(min_score), **restriction)
+        check_scores(found.scores, queries, self._exact, f"index {self.path}: {self._name}")
         per_query = [found.hits(i) for i in range(len(found))]
         if limit is not None:
             per_query = [(scores[:limit], ids[:limit]) for scores, ids in per_query]
         return self.join_metadata(per_query, None), found.fallback
+
+    def _restriction(self, where: Where) -> dict[str, Any]:
+        """The keyword arguments that restrict a backend search to the items matching every filter of ``where``.
+
+        One filter goes to a backend that stores labels as it is; otherwise (FAISS, or several filters) the
+        filters become the ids matching all of them, read from the metadata.
+
+        Raises:
+            UnknownLevelError: a filter names a level the index does not have.
+        """
+        filters = [where] if isinstance(where, LabelFilter) else list(where or ())
+        for one in filters:
+            if one.level not in self.manifest.levels:
+                levels = ", ".join(self.manifest.levels) or "none (the index is unlabelled)"
+                raise UnknownLevelError(f"cannot filter on label level {one.level!r}; index {self.path} has {levels}")
+        if not filters:
+            return {}
+        if len(filters) == 1 and self.index.stores_labels:
+            return {"where": filters[0]}
+        ids = self._matching_ids(filters[0])
+        for one in filters[1:]:
+            ids = np.intersect1d(ids, self._matching_ids(one), assume_unique=True)
+        return {"allowed_ids": ids}
+
+    def _matching_ids(self, where: LabelFilter) -> np.ndarray:
+        """Sorted ids of the items ``where`` matches, from the metadata (kept for the next search)."""
+        with self._filter_lock:
+            ids = self._filter_ids.get(where)
+            if ids is None:
+                if len(self._filter_ids) >= _CACHED_FILTERS:
+                    self._filter_ids.pop(next(iter(self._filter_ids)))
+                ids = self._filter_ids[where] = self.metadata.ids_with_label(where.level, where.values)
+        return ids
 
     def _check_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
         """Shape-checked queries, whitened when the index is (into the space of its stored vectors)."""
@@ -583,22 +708,18 @@ class IndexDirectory(Closeable):
         return results
 
     def info(self) -> dict[str, Any]:
-        """A JSON-serialisable description for ``retrieval index info``: manifest fields, FAISS state, ids, files."""
+        """A JSON-serialisable description for ``retrieval index info``: manifest fields, backend state, ids, files."""
         files = {
             name: (self.path / name).stat().st_size
             for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE, SKIPPED_FILE, WHITENING_FILE, CALIBRATION_PLOT_FILE)
             if (self.path / name).is_file()
         }
+        described = self.index.describe()
         return {
             "path": str(self.path),
             **self.manifest.model_dump(),
             "ntotal": self.index.ntotal,
-            "faiss": {
-                "is_trained": self.index.is_trained,
-                "nlist": self.index.nlist,
-                "native_ids": self.index.native_ids,
-                "default_params": self.index.default_params.to_dict(),
-            },
+            self.index.backend: {key: value for key, value in described.items() if key not in ("backend", "ntotal")},
             "id_range": [int(v) for v in self.metadata.id_range()] if len(self) else None,
             "files": files,
             "size_bytes": sum(files.values()),
@@ -606,6 +727,7 @@ class IndexDirectory(Closeable):
 
     def close(self) -> None:
         self.metadata.close()
+        self.index.close()
 
     def __repr__(self) -> str:
         return f"IndexDirectory({str(self.path)!r}, count={self.manifest.count}, dim={self.dim})"

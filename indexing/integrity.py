@@ -17,6 +17,7 @@ import numpy as np
 
 from indexing.errors import IndexFormatError
 from indexing.faiss_index import FaissIndex
+from indexing.vector_index import VectorIndex
 
 __all__ = ["NORM_TOLERANCE", "SAMPLE_SIZE", "check_graph", "check_scores", "check_vectors", "stores_exact_vectors"]
 
@@ -26,12 +27,15 @@ NORM_TOLERANCE = 2e-3
 SAMPLE_SIZE = 64
 
 
-def stores_exact_vectors(index: FaissIndex) -> bool:
-    """True when the index keeps the float32 vectors themselves (Flat, HNSW-Flat, IVF-Flat), not codes.
+def stores_exact_vectors(index: VectorIndex) -> bool:
+    """True when a FAISS index keeps the float32 vectors themselves (Flat, HNSW-Flat, IVF-Flat), not codes.
 
     Only then are reconstructed vectors exactly unit length and scores bounded by 1; PQ and scalar
-    quantisers decode approximations whose norms (and scores) may be a little off.
+    quantisers decode approximations whose norms (and scores) may be a little off. Other backends keep
+    their own storage (a server may quantise), so their scores get the looser bound.
     """
+    if not isinstance(index, FaissIndex):
+        return False
     import faiss
 
     inner = _unwrapped(index)

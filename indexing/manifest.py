@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from indexing.calibration import Calibration
 from indexing.errors import IndexFormatError
+from indexing.vector_index import DEFAULT_BACKEND
 from indexing.whitening import WHITENING_FILE
 from retrieval.atomic import write_file_atomically
 from retrieval.config import StrictModel
@@ -126,8 +127,15 @@ class Manifest(StrictModel):
         whitening: the whitening every stored vector went through and every query goes through
             (``WhiteningInfo``), or ``None`` when the index stores the encoder's vectors as they are. With it,
             ``dim`` is the whitened dimension and ``query_dim`` the encoder's.
+        backend: the vector index backend holding the vectors (``indexing.vector_index.VECTOR_BACKENDS``):
+            "faiss" (``index.faiss`` in the directory; what every directory written before backends existed
+            holds) or "qdrant" (a Qdrant collection).
+        backend_options: what the backend needs to open its index again (Qdrant: ``url``, ``collection`` alias,
+            ``physical`` collection); empty for FAISS.
 
-    The last seven fields are optional, so older manifests still load with the same format version.
+    The fields after ``count``'s neighbours are optional, so older manifests still load with the same format
+    version; ``backend`` and ``backend_options`` are left out of FAISS manifests, which older releases then
+    still read.
     """
 
     format_version: int = INDEX_FORMAT_VERSION
@@ -149,6 +157,8 @@ class Manifest(StrictModel):
     metadata_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     history: list[dict[str, Any]] = Field(default_factory=list)
     whitening: WhiteningInfo | None = None
+    backend: str = Field(default=DEFAULT_BACKEND, min_length=1)
+    backend_options: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def query_dim(self) -> int:
@@ -192,7 +202,9 @@ class Manifest(StrictModel):
         this is what lets ``retrieval index calibrate`` update a live index directory in place.
         """
         # Without a whitening the field is left out, so releases from before whitening still read the file.
-        exclude = {"whitening"} if self.whitening is None else None
+        exclude = {"whitening"} if self.whitening is None else set()
+        if self.backend == DEFAULT_BACKEND and not self.backend_options:
+            exclude |= {"backend", "backend_options"}
         write_file_atomically(path, self.model_dump_json(indent=2, exclude=exclude) + "\n")
 
     @classmethod

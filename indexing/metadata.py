@@ -148,6 +148,24 @@ class MetadataStore(Closeable):
             rows = self._conn.execute("SELECT id FROM items ORDER BY id").fetchall()
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
+    def ids_with_label(self, level: str, values: Iterable[str]) -> np.ndarray:
+        """Sorted int64 ids of the items whose label at ``level`` is one of ``values``.
+
+        This is how a label filter reaches a backend that stores no labels (FAISS): the filter becomes the
+        set of ids a search may return. One scan of the table (no index on labels).
+        """
+        wanted = list(dict.fromkeys(str(value) for value in values))
+        if not wanted:
+            return np.zeros(0, np.int64)
+        marks = ",".join("?" * len(wanted))
+        query = (  # json_each matches the level as a key, whatever characters its name holds
+            "SELECT items.id FROM items, json_each(items.labels) AS label "
+            f"WHERE label.key = ? AND label.value IN ({marks}) ORDER BY items.id"
+        )
+        with self._lock:
+            rows = self._conn.execute(query, [str(level), *wanted]).fetchall()
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
     def iter_rows(self, batch_size: int = 1000) -> Iterator[MetadataRow]:
         """All rows in id order, fetched in batches (for export and consistency checks)."""
         last: int | None = None

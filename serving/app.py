@@ -112,6 +112,7 @@ async def _lifespan(app: FastAPI, settings: ServeSettings, engine: SearchEngine 
             settings.index,
             settings.query_encoder,
             runtime=settings.runtime,
+            backend_options=settings.backend_options(),
             **settings.runtime_options(),
         )
     )
@@ -179,7 +180,11 @@ def serve(settings: ServeSettings) -> None:
 
     limit_malloc_arenas()  # before uvicorn's and ONNX Runtime's threads exist: RSS stays flat under load
     engine = SearchEngine.open(
-        settings.index, settings.query_encoder, runtime=settings.runtime, **settings.runtime_options()
+        settings.index,
+        settings.query_encoder,
+        runtime=settings.runtime,
+        backend_options=settings.backend_options(),
+        **settings.runtime_options(),
     )
     uvicorn.run(
         create_app(settings, engine=engine), host=settings.host, port=settings.port, **settings.uvicorn_options()

@@ -12,15 +12,19 @@ Every query vector, from any runtime or from a client, stays in the encoder's sp
 with a whitening whitens its queries itself (``IndexDirectory.search``), so ``dim`` is the encoder's
 dimension (``query_dim``) and may differ from the whitened vectors the index stores (``index_dim``).
 
-Errors raised for a request (``granularity_threshold``, ``check_query_vectors``) name no server
-path, so the HTTP API can return their messages as they are.
+Every search takes an optional ``where``: label filters (``indexing.vector_index.LabelFilter``, e.g. only
+items whose ``coarse`` label is ``shoes``), evaluated by the index directory on any backend; the hits are the
+best among the matching items.
+
+Errors raised for a request (``granularity_threshold``, ``check_where``, ``check_query_vectors``) name no
+server path, so the HTTP API can return their messages as they are.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,8 @@ from indexing import (
     UnknownGranularityError,
     open_index_dir,
 )
+from indexing.errors import UnknownLevelError
+from indexing.vector_index import LabelFilter
 from retrieval.errors import UserFacingError
 from retrieval.resources import Closeable
 from serving.runtimes import QueryEncoder, QueryEncoderError, open_query_encoder
@@ -46,6 +52,7 @@ __all__ = [
     "NonFiniteEmbeddingError",
     "QueryVectorError",
     "SearchEngine",
+    "Where",
     "check_compatible",
     "resolve_query_encoder_path",
 ]
@@ -55,6 +62,9 @@ __all__ = [
 NORM_TOLERANCE = 0.01
 
 logger = logging.getLogger(__name__)
+
+#: A search's label filters: one, several (all must match) or none.
+Where = LabelFilter | Sequence[LabelFilter] | None
 
 
 class EncoderMismatchError(UserFacingError, ValueError):
@@ -111,6 +121,7 @@ class SearchEngine(Closeable):
         index_path: str | Path,
         query_encoder_path: str | Path | None = None,
         runtime: str | None = None,
+        backend_options: Mapping[str, Any] | None = None,
         **runtime_options: Any,
     ) -> SearchEngine:
         """Open an index directory and its query encoder.
@@ -120,6 +131,8 @@ class SearchEngine(Closeable):
             query_encoder_path: a checkpoint directory or ``.onnx`` file; defaults to the checkpoint
                 that built the index (``manifest.encoder_path``).
             runtime: force a runtime by name (see ``serving.runtimes.RUNTIMES``).
+            backend_options: override the options the manifest records for its vector backend (e.g.
+                ``{"url": ...}`` to reach a Qdrant collection through another address than at build time).
             runtime_options: passed to the runtime (``device``, ``providers``, ``batch_size``).
 
         Raises:
@@ -127,7 +140,7 @@ class SearchEngine(Closeable):
             QueryEncoderError: no query encoder given and the manifest names none, or it cannot be opened.
             EncoderMismatchError: see the class.
         """
-        index_dir = open_index_dir(index_path)
+        index_dir = open_index_dir(index_path, backend_options)
         try:
             path = resolve_query_encoder_path(index_dir.path, index_dir.manifest, query_encoder_path)
             encoder = open_query_encoder(path, runtime=runtime, **runtime_options)
@@ -192,6 +205,23 @@ class SearchEngine(Closeable):
                 f"unknown granularity {granularity!r}; this index is calibrated for {', '.join(thresholds)}"
             )
         return thresholds[granularity]
+
+    def check_where(self, where: Where) -> tuple[LabelFilter, ...]:
+        """``where`` as a tuple of filters, each on a label level of this index; checked before any work is done.
+
+        Raises:
+            indexing.errors.UnknownLevelError: a filter on a level the index does not have; the message lists
+                the index's levels and names no server path.
+        """
+        filters = (where,) if isinstance(where, LabelFilter) else tuple(where or ())
+        levels = self.index_dir.manifest.levels
+        for one in filters:
+            if not isinstance(one, LabelFilter):
+                raise TypeError(f"where takes LabelFilter objects, got {type(one).__name__}")
+            if one.level not in levels:
+                have = ", ".join(levels) or "none (the index stores no labels)"
+                raise UnknownLevelError(f"cannot filter on label level {one.level!r}; this index has {have}")
+        return filters
 
     def check_query_vectors(self, vectors: object, encoder_id: str, teacher_id: str | None = None) -> np.ndarray:
         """Validate query vectors embedded elsewhere (an on-device model) and return them as ``(Q, dim)`` float32.
@@ -261,7 +291,9 @@ class SearchEngine(Closeable):
             )
         return vectors
 
-    def search(self, images: Sequence[Image.Image], k: int, granularity: str | None = None) -> list[SearchResults]:
+    def search(
+        self, images: Sequence[Image.Image], k: int, granularity: str | None = None, where: Where = None
+    ) -> list[SearchResults]:
         """The ``k`` nearest gallery items of each query image, best first.
 
         Hits of a calibrated index carry ``level``, the finest level whose threshold they reach. With
@@ -272,20 +304,25 @@ class SearchEngine(Closeable):
             images: query images (any mode; converted to RGB by the preprocessing).
             k: hits per query (fewer when the index holds fewer items, or fewer pass ``granularity``).
             granularity: a calibrated level name, or ``None`` for a plain k-NN search.
+            where: label filters (all must match); the hits are the best ``k`` among the matching items.
 
         Raises:
             ValueError: a non-positive ``k``.
             indexing.NotCalibratedError: a granularity asked of an index without thresholds.
             indexing.UnknownGranularityError: a granularity that is not a calibrated level.
+            indexing.errors.UnknownLevelError: a filter on a level the index does not have.
         """
         _check_k(k)
         if granularity is not None:
             self.granularity_threshold(granularity)  # before the encoder runs
+        filters = self.check_where(where)
         if not images:
             return []
-        return self.search_embeddings(self.embed(images), k, granularity)
+        return self.search_embeddings(self.embed(images), k, granularity, filters)
 
-    def search_embeddings(self, vectors: np.ndarray, k: int, granularity: str | None = None) -> list[SearchResults]:
+    def search_embeddings(
+        self, vectors: np.ndarray, k: int, granularity: str | None = None, where: Where = None
+    ) -> list[SearchResults]:
         """Like ``search`` for query vectors already embedded (``(Q, dim)`` float32, L2-normalised).
 
         The vectors are in the encoder's space, as any query encoder gives them; a whitened index whitens
@@ -294,40 +331,46 @@ class SearchEngine(Closeable):
         Raises:
             ValueError: a non-positive ``k`` or vectors of the wrong shape.
             indexing.NotCalibratedError, indexing.UnknownGranularityError: see ``granularity_threshold``.
+            indexing.errors.UnknownLevelError: see ``check_where``.
         """
         _check_k(k)
         if granularity is not None:
             self.granularity_threshold(granularity)
+        filters = self.check_where(where)
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(vectors) == 0:
             return []
-        return self.index_dir.search(vectors, k, granularity=granularity)
+        return self.index_dir.search(vectors, k, granularity=granularity, where=list(filters) or None)
 
     def search_above(
-        self, images: Sequence[Image.Image], min_score: float, limit: int | None = None
+        self, images: Sequence[Image.Image], min_score: float, limit: int | None = None, where: Where = None
     ) -> tuple[list[SearchResults], bool]:
         """Every gallery item scoring above ``min_score`` for each query image (range search), best first.
 
         Returns the results and whether the index lacked a native range search (then a k-NN search with a
-        growing k, filtered at ``min_score``, was used; see ``IndexDirectory.search_above``).
+        growing k, filtered at ``min_score``, was used; see ``IndexDirectory.search_above``). ``where`` keeps
+        only the matching items, as for ``search``.
 
         Raises:
             ValueError: ``min_score`` outside [-1, 1] or a non-positive ``limit``.
+            indexing.errors.UnknownLevelError: a filter on a level the index does not have.
         """
         _check_min_score(min_score)
+        filters = self.check_where(where)
         if not images:
             return [], False
-        return self.search_embeddings_above(self.embed(images), min_score, limit)
+        return self.search_embeddings_above(self.embed(images), min_score, limit, filters)
 
     def search_embeddings_above(
-        self, vectors: np.ndarray, min_score: float, limit: int | None = None
+        self, vectors: np.ndarray, min_score: float, limit: int | None = None, where: Where = None
     ) -> tuple[list[SearchResults], bool]:
         """Like ``search_above`` for query vectors already embedded (encoder space, as for ``search_embeddings``)."""
         _check_min_score(min_score)
+        filters = self.check_where(where)
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(vectors) == 0:
             return [], False
-        return self.index_dir.search_above(vectors, min_score, limit)
+        return self.index_dir.search_above(vectors, min_score, limit, where=list(filters) or None)
 
     def warm_up(self) -> None:
         """Run one blank query through the encoder and the index, so the first real query pays no set-up cost."""
@@ -346,7 +389,10 @@ class SearchEngine(Closeable):
         return query_encoder_id or manifest.encoder_id
 
     def describe(self) -> dict[str, Any]:
-        """What is served, without any server path: sizes, encoder ids and granularity thresholds."""
+        """What is served, without any server path: sizes, encoder ids, backend, filterable levels, thresholds.
+
+        ``backend`` is the vector backend's name only: its options (a Qdrant URL, a collection) stay private.
+        """
         manifest = self.index_dir.manifest
         whitening = manifest.whitening
         return {
@@ -365,6 +411,7 @@ class SearchEngine(Closeable):
             "thresholds": dict(manifest.thresholds),
             "thresholds_fitted_for": self.thresholds_fitted_for,
             "index_type": manifest.factory,
+            "backend": manifest.backend,
         }
 
     def close(self) -> None:

@@ -84,6 +84,11 @@ class ServeSettings(BaseSettings):
         keep_alive_s: idle keep-alive connections are closed after this long (see ``DEFAULT_KEEP_ALIVE_S``).
         graceful_shutdown_s: on SIGTERM, how long open requests may finish before the server stops anyway.
         max_connections: open connections and requests at once (uvicorn's ``limit_concurrency``); more get 503.
+        backend: the vector backend the index is expected to live in ("faiss", "qdrant"); the index's manifest
+            decides, so this only checks it: naming another backend is an error at start-up. ``None``: no check.
+        qdrant_url: reach the Qdrant collection of a ``qdrant`` index through this address (``http(s)://HOST:PORT``,
+            a local directory, ``:memory:``) instead of the one recorded when it was built, e.g. the cluster's
+            internal name; an error for an index of another backend. The API key comes from ``$QDRANT_API_KEY``.
     """
 
     model_config = SettingsConfigDict(env_prefix="RETRIEVAL_", extra="forbid", protected_namespaces=())
@@ -111,6 +116,8 @@ class ServeSettings(BaseSettings):
     keep_alive_s: int = Field(DEFAULT_KEEP_ALIVE_S, ge=1, le=3600)
     graceful_shutdown_s: int = Field(20, ge=1, le=3600)
     max_connections: int = Field(1024, ge=1)
+    backend: str | None = Field(None, min_length=1, max_length=64)
+    qdrant_url: str | None = Field(None, min_length=1)
 
     @field_validator("cors_origins", "providers", mode="before")
     @classmethod
@@ -149,6 +156,28 @@ class ServeSettings(BaseSettings):
         self.api_key = SecretStr(key)
         return self
 
+    @model_validator(mode="after")
+    def _backend_matches_index(self) -> ServeSettings:
+        """Refuse ``backend``/``qdrant_url`` that contradict the index's manifest (read only when one is given)."""
+        if self.backend is None and self.qdrant_url is None:
+            return self
+        if self.qdrant_url is not None and self.backend not in (None, "qdrant"):
+            raise ValueError(f"qdrant_url goes with the qdrant backend, not {self.backend}")
+        recorded = _recorded_backend(self.index)
+        if recorded is None:  # no readable manifest: opening the index reports that, with its own message
+            return self
+        if self.backend is not None and self.backend != recorded:
+            raise ValueError(
+                f"index {self.index} lives in the {recorded} backend, not {self.backend}; leave out backend"
+            )
+        if self.qdrant_url is not None and recorded != "qdrant":
+            raise ValueError(f"qdrant_url applies to Qdrant indexes; {self.index} is a {recorded} index")
+        return self
+
+    def backend_options(self) -> dict[str, Any]:
+        """Options overriding the index manifest's backend options (``SearchEngine.open(backend_options=...)``)."""
+        return {"url": self.qdrant_url} if self.qdrant_url else {}
+
     def runtime_options(self) -> dict[str, object]:
         """Keyword options for ``serving.runtimes.open_query_encoder`` (only those that were set)."""
         return {"providers": list(self.providers)} if self.providers else {}
@@ -178,3 +207,17 @@ class ServeSettings(BaseSettings):
             "timeout_graceful_shutdown": self.graceful_shutdown_s,
             "limit_concurrency": self.max_connections,
         }
+
+
+def _recorded_backend(index: Path) -> str | None:
+    """The backend the manifest of the index directory at ``index`` names; None when there is no readable one."""
+    from indexing.errors import IndexFormatError
+    from indexing.manifest import Manifest
+
+    manifest_file = index / "manifest.json"
+    if not manifest_file.is_file():
+        return None
+    try:
+        return Manifest.read(manifest_file).backend
+    except (IndexFormatError, OSError):
+        return None

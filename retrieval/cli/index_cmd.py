@@ -13,6 +13,13 @@ from typing import Any
 
 import typer
 
+from retrieval.cli.backend_options import (
+    backend_option,
+    collection_option,
+    existing_index_backend,
+    new_index_backend,
+    qdrant_url_option,
+)
 from retrieval.cli.common import console, fail, print_json, user_errors
 from retrieval.cli.index_inspect_cmd import print_calibration
 
@@ -151,9 +158,23 @@ def build(
     runtime: str = _runtime_option(),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images while the model runs."),
     amp: bool = _amp_option(),
+    backend: str = backend_option(),
+    qdrant_url: str | None = qdrant_url_option(),
+    collection: str | None = collection_option(),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        metavar="local|ray",
+        help="What runs the extraction: 'local' (this process) or 'ray' (Ray Data: an actor pool of encoders over "
+        "the Ray cluster `ray.init` reaches, GPU actors where there are GPUs; `pip install "
+        '"retrieval-engine[distributed]"`). Both write the same chunk files and build the same index.',
+    ),
+    actors: int | None = typer.Option(
+        None, "--actors", min=1, help="Encoder actors with --engine ray (default: one per GPU, else per 2 CPUs)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Embed every gallery image and write an index directory (manifest, FAISS index, SQLite metadata).
+    """Embed every gallery image and write an index directory (manifest, vector index, SQLite metadata).
 
     Embeddings are written in chunk files as they are produced: if the run is interrupted (Ctrl-C, kill,
     crash), run the same command again and it continues where it stopped, giving the same index.
@@ -163,22 +184,30 @@ def build(
     --target-recall on a sample of the gallery, stored as its default. With --whiten, a whitening is
     fitted after the extraction and the index stores whitened vectors; queries are whitened the same way
     at search time. With --calibrate, the granularity thresholds are calibrated on labelled validation
-    images right after (whitened like the queries).
+    images right after (whitened like the queries). With --backend qdrant the vectors go to a Qdrant
+    collection instead of index.faiss; with --engine ray the extraction runs on Ray Data.
     """
     with user_errors():
-        from indexing.builder import build_index
+        from indexing.builder import build_index, check_engine
         from indexing.embedding_store import parse_shard
         from indexing.extract_job import ExtractOptions, default_work_dir, extract_shard
         from retrieval.data.gallery import open_gallery
 
         _check_calibration_options(calibrate, objective)
         _check_runtime(runtime)
+        check_engine(engine)
+        backend, backend_options = new_index_backend(backend, qdrant_url, collection, out)
         gallery = open_gallery(images)
         if shard is not None:
             if whiten is not None or whiten_dim is not None or whiten_images is not None:
                 raise fail(
                     "--whiten is fitted when the index is written, on the whole gallery: pass it to "
                     "`retrieval index merge` instead of `index build --shard`"
+                )
+            if backend_options or engine != "local":
+                raise fail(
+                    "--shard only extracts; give --backend to `retrieval index merge`, and use --engine ray "
+                    "instead of shards, not with them"
                 )
             try:
                 slice_ = parse_shard(shard)
@@ -203,6 +232,10 @@ def build(
                 whiten=whiten,
                 whiten_dim=whiten_dim,
                 whiten_images=whiten_images,
+                backend=backend,
+                backend_options=backend_options,
+                engine=engine,
+                actors=actors,
                 **extraction,
             )
         calibration = _calibrate(out, calibrate, objective, batch_size, device, workers, as_json)
@@ -224,6 +257,9 @@ def merge(
         None, "--encoder", help="Default query encoder to record (default: the checkpoint that embedded the shards)."
     ),
     device: str = _device_option(),
+    backend: str = backend_option(),
+    qdrant_url: str | None = qdrant_url_option(),
+    collection: str | None = collection_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Combine the shard directories of `index build --shard I/N` runs into one index.
@@ -236,6 +272,7 @@ def merge(
         from indexing.builder import merge_shards
 
         _check_calibration_options(calibrate, objective)
+        backend, backend_options = new_index_backend(backend, qdrant_url, collection, out)
         summary = merge_shards(
             list(shards),
             out,
@@ -248,6 +285,8 @@ def merge(
             whiten_images=whiten_images,
             device=device,
             progress=not as_json,
+            backend=backend,
+            backend_options=backend_options,
         )
         calibration = _calibrate(out, calibrate, objective, 64, "auto", 0, as_json)
     _print_build(summary, out, as_json, calibration)
@@ -270,6 +309,8 @@ def add(
     runtime: str = _runtime_option(),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images."),
     amp: bool = _amp_option(),
+    backend: str | None = backend_option(None),
+    qdrant_url: str | None = qdrant_url_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed more images and append them to an index: ids continue after the largest one.
@@ -284,12 +325,13 @@ def add(
         from retrieval.data.gallery import open_gallery
 
         _check_runtime(runtime)
+        backend_options = existing_index_backend(backend, qdrant_url, index)
         gallery = open_gallery(images)
         with _resume_hint(work_dir or default_work_dir(index, "add-extract")):
             extraction = _extraction_kwargs(
                 batch_size, chunk_size, device, workers, amp, as_json, work_dir, restart, keep_embeddings, runtime
             )
-            summary = add_to_index(index, gallery, encoder, **extraction)
+            summary = add_to_index(index, gallery, encoder, backend_options=backend_options, **extraction)
     result = {
         "index": str(index),
         "added": summary.added,

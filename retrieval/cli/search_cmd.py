@@ -14,6 +14,13 @@ from typing import Any
 
 import typer
 
+from retrieval.cli.backend_options import (
+    backend_option,
+    existing_index_backend,
+    parse_where,
+    qdrant_url_option,
+    where_option,
+)
 from retrieval.cli.common import console, err_console, fail, print_json, user_errors
 
 DEFAULT_K = 10
@@ -56,6 +63,9 @@ def search(
         help="Keep only hits above this level's calibrated threshold (fine, middle, coarse ...; up to --k); "
         "needs an index calibrated with `retrieval index calibrate`.",
     ),
+    where: list[str] | None = where_option(),
+    backend: str | None = backend_option(default=None),
+    qdrant_url: str | None = qdrant_url_option(),
     sheet: Path | None = typer.Option(
         None,
         "--sheet",
@@ -75,6 +85,9 @@ def search(
     With --min-score, every gallery image scoring above that similarity is returned instead (FAISS range
     search; on index types without one, a k-NN search with a growing k filtered at the threshold, and a note).
 
+    With --where LEVEL=VALUE (repeatable), only gallery images with those labels are searched: the hits are
+    the best among them.
+
     On a calibrated index every hit also shows its level: the finest label level whose threshold
     its score reaches. An unreadable query image is reported and skipped; the other queries still run, and the
     exit status is 1 (2 when no query could be read).
@@ -84,7 +97,9 @@ def search(
     """
     if query_labels is not None and sheet is None:
         raise fail("--query-labels colours the contact sheet: give --sheet too")
+    filters = parse_where(where)
     with user_errors():
+        backend_options = existing_index_backend(backend, qdrant_url, index)
         from retrieval.data.images import CorruptImageError, load_image
         from serving.engine import SearchEngine
 
@@ -98,13 +113,15 @@ def search(
                 failures.append({"query": str(path), "error": str(exc)})
         queries = [img for _, img in loaded]
         options = {"providers": providers} if providers else {}
-        with SearchEngine.open(index, query_encoder, runtime=runtime, **options) as engine:
+        with SearchEngine.open(
+            index, query_encoder, runtime=runtime, backend_options=backend_options, **options
+        ) as engine:
             if min_score is None:
-                results = engine.search(queries, k=k or DEFAULT_K, granularity=granularity)
+                results = engine.search(queries, k=k or DEFAULT_K, granularity=granularity, where=filters)
             elif granularity is not None:
                 raise fail("--min-score and --granularity are two ways to set a threshold: give one")
             else:
-                results, fallback = engine.search_above(queries, min_score, limit=k)
+                results, fallback = engine.search_above(queries, min_score, limit=k, where=filters)
                 if fallback:
                     err_console.print(
                         "[yellow]note:[/] this index type has no native range search; a k-NN search with a "
@@ -122,7 +139,8 @@ def search(
             for hit in item["hits"]:
                 hit.setdefault("level", None)
     if as_json:
-        print_json({"results": payload, "errors": failures, **({"sheet": str(sheet)} if drawn else {})})
+        echoed = {"where": {one.level: list(one.values) for one in filters}} if filters else {}
+        print_json({"results": payload, "errors": failures, **echoed, **({"sheet": str(sheet)} if drawn else {})})
     else:
         for item in payload:
             console.print(f"[bold]{item['query']}[/]")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from retrieval.cli.backend_options import BACKEND_HELP, QDRANT_URL_HELP
 from retrieval.cli.common import user_errors
 
 
@@ -117,6 +118,15 @@ def serve(
         "--max-connections",
         help="Open connections and requests at once, more get 503; default 1024 (env RETRIEVAL_MAX_CONNECTIONS).",
     ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        metavar="faiss|qdrant",
+        help=f"{BACKEND_HELP} Here only checked against the index's manifest, which decides (env RETRIEVAL_BACKEND).",
+    ),
+    qdrant_url: str | None = typer.Option(
+        None, "--qdrant-url", metavar="URL", help=f"{QDRANT_URL_HELP} (env RETRIEVAL_QDRANT_URL)"
+    ),
 ) -> None:
     """Serve the search API (POST /v1/search, /v1/search/embedding; GET /v1/index, /metrics, /docs) with uvicorn."""
     with user_errors():
@@ -149,6 +159,8 @@ def serve(
             "keep_alive_s": keep_alive_s,
             "graceful_shutdown_s": graceful_shutdown_s,
             "max_connections": max_connections,
+            "backend": backend,
+            "qdrant_url": qdrant_url,
         }
         try:  # RETRIEVAL_* environment variables fill in what no flag gave, and are validated here too
             settings = ServeSettings(**{name: value for name, value in given.items() if value is not None})

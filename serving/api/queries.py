@@ -5,6 +5,9 @@ decode gate), so uploads decode on every core while a batch is embedded, and the
 images in memory stays bounded; the batch then shares one ``encode`` call. A query that reaches
 ``answer_image_queries`` undecoded is decoded there; one that fails fails alone, and the rest of its
 batch is answered.
+
+Only the encoding is shared: each query of a batch is then searched on its own, with its own ``k``,
+granularity, threshold and label filters (``where``), so queries with different filters can share a batch.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from indexing import IndexFormatError, SearchResults
+from indexing.vector_index import LabelFilter
 from retrieval.data.images import decode_image_bytes
 from serving.engine import SearchEngine
 
@@ -34,6 +38,7 @@ class ImageQuery:
         image: the upload already decoded (see the module docstring), else ``None``: decoded with its batch.
         max_pixels: refuse an upload declaring more pixels (``ImageTooLargeError``); ``None``: no limit of ours.
         target_size: the model's input side, so a very large JPEG may decode at a reduced scale.
+        where: label filters (already checked), all of which a hit must match; empty for none.
     """
 
     data: bytes
@@ -44,6 +49,7 @@ class ImageQuery:
     image: Image.Image | None = None
     max_pixels: int | None = None
     target_size: int | None = None
+    where: tuple[LabelFilter, ...] = ()
 
     def decoded(self) -> ImageQuery:
         """This query with its upload decoded (raises ``CorruptImageError`` for an unreadable one)."""
@@ -62,13 +68,21 @@ class Answer:
 
 
 def answer_vectors(
-    engine: SearchEngine, vectors: np.ndarray, k: int, granularity: str | None = None, min_score: float | None = None
+    engine: SearchEngine,
+    vectors: np.ndarray,
+    k: int,
+    granularity: str | None = None,
+    min_score: float | None = None,
+    where: tuple[LabelFilter, ...] = (),
 ) -> Answer:
-    """Search one query vector (``(1, dim)``): k-NN (optionally at a granularity) or, with ``min_score``, a range."""
+    """Search one query vector (``(1, dim)``): k-NN (optionally at a granularity) or, with ``min_score``, a range.
+
+    ``where`` keeps only the items matching every filter (the best ``k`` among them).
+    """
     if min_score is None:
-        (results,) = engine.search_embeddings(vectors, k, granularity)
+        (results,) = engine.search_embeddings(vectors, k, granularity, where=where)
         return Answer(results)
-    (results,), fallback = engine.search_embeddings_above(vectors, min_score, k)
+    (results,), fallback = engine.search_embeddings_above(vectors, min_score, k, where=where)
     return Answer(results, fallback)
 
 
@@ -91,7 +105,7 @@ def answer_image_queries(engine: SearchEngine, queries: list[ImageQuery]) -> lis
             query = queries[position]
             try:
                 outcomes[position] = answer_vectors(
-                    engine, vector[None, :], query.k, query.granularity, query.min_score
+                    engine, vector[None, :], query.k, query.granularity, query.min_score, query.where
                 )
             except IndexFormatError:  # a damaged index fails the whole batch: the server's fault, not the query's
                 raise

@@ -6,9 +6,9 @@ them into the OpenAPI schema, so every field says what it holds.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from indexing import SearchHit
 
@@ -18,6 +18,7 @@ __all__ = [
     "Health",
     "Hit",
     "IndexDescription",
+    "LabelWhere",
     "Readiness",
     "SearchResponse",
     "WhiteningDescription",
@@ -26,6 +27,19 @@ __all__ = [
 
 #: Largest embedding a request may carry; real encoders stay far below it, and it bounds the JSON to parse.
 MAX_EMBEDDING_DIM = 16384
+#: Bounds of a request's label filters (``where``): levels filtered on, accepted values per level, and the
+#: length of a level name and of a value. Real hierarchies have a handful of levels; the bounds keep the
+#: metadata scan a filter costs, and the request to parse, small.
+MAX_FILTER_LEVELS = 16
+MAX_FILTER_VALUES = 256
+MAX_LEVEL_LENGTH = 64
+MAX_VALUE_LENGTH = 256
+
+_Level = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LEVEL_LENGTH)]
+_Value = Annotated[str, StringConstraints(min_length=1, max_length=MAX_VALUE_LENGTH)]
+#: Label filters as the API reads and echoes them: ``{level: [accepted values]}``; an item matches when, at
+#: every level given, its label is one of that level's values.
+LabelWhere = dict[_Level, Annotated[list[_Value], Field(min_length=1, max_length=MAX_FILTER_VALUES)]]
 
 
 def thumbnail_url(item_id: int) -> str:
@@ -77,6 +91,11 @@ class SearchResponse(BaseModel):
     range_search: Literal["native", "knn_fallback"] | None = Field(
         description="with min_score: FAISS's own range search, or a k-NN search filtered at min_score"
     )
+    where: LabelWhere | None = Field(
+        default=None,
+        description="the label filters applied, as {level: [values]} (every hit's label at each level is one of "
+        "its values), or null for an unfiltered search",
+    )
     hits: list[Hit] = Field(description="the matching items, best first")
 
 
@@ -109,6 +128,14 @@ class EmbeddingSearchRequest(BaseModel):
     )
     min_score: float | None = Field(
         default=None, ge=-1.0, le=1.0, description="return every item scoring above this (range search)"
+    )
+    where: LabelWhere | None = Field(
+        default=None,
+        max_length=MAX_FILTER_LEVELS,
+        description='only items whose labels match, as {level: [accepted values]}, e.g. {"coarse": ["shoes"]}: '
+        "at every level given, the item's label must be one of the listed values (levels from GET /v1/index "
+        "'levels'; an unknown level is a 422). The hits are the best k among the matching items",
+        examples=[{"coarse": ["shoes"]}, {"coarse": ["shoes"], "middle": ["sneakers", "boots"]}],
     )
 
 
@@ -151,7 +178,9 @@ class IndexDescription(BaseModel):
         description="the teacher the query encoder was distilled into, or null when it is the index encoder"
     )
     accepted_encoder_ids: list[str] = Field(description="encoder ids whose vectors POST /v1/search/embedding accepts")
-    levels: list[str] = Field(description="label levels of the gallery metadata, finest first")
+    levels: list[str] = Field(
+        description="label levels of the gallery metadata, finest first: the levels a search's 'where' may filter on"
+    )
     granularities: list[str] = Field(description="calibrated levels a search may ask for, finest first")
     thresholds: dict[str, float] = Field(description="calibrated similarity threshold per level")
     thresholds_fitted_for: str | None = Field(
@@ -160,4 +189,9 @@ class IndexDescription(BaseModel):
         "student calibrated with --query-encoder); null when the index is not calibrated. When it is not "
         "query_encoder_id, the levels of uploaded-image hits are less reliable",
     )
-    index_type: str = Field(description="the FAISS index factory string, e.g. 'Flat' (exact) or 'IVF1024,PQ32'")
+    index_type: str = Field(
+        description="the index type: for FAISS its factory string, e.g. 'Flat' (exact) or 'IVF1024,PQ32'"
+    )
+    backend: str = Field(
+        description="where the vectors live: 'faiss' (in the server process) or 'qdrant' (a Qdrant collection)",
+    )

@@ -190,7 +190,7 @@ def test_create_app_loads_nothing_and_documents_the_api(tmp_path):
     assert "parameters" not in search  # every parameter is a form field, none in the query string
     form_ref = search["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
     form = spec["components"]["schemas"][form_ref]["properties"]
-    assert set(form) == {"image", "k", "granularity", "min_score"} and form["k"]["anyOf"][0]["maximum"] == 7
+    assert set(form) == {"image", "k", "granularity", "min_score", "where"} and form["k"]["anyOf"][0]["maximum"] == 7
     assert all(field.get("description") for field in form.values())
     for path in ("/v1/healthz", "/v1/readyz", "/v1/index", "/v1/search/embedding", "/metrics"):
         assert path in spec["paths"], path
