@@ -240,3 +240,37 @@ def test_a_missing_qdrant_collection_is_a_clear_error(tiny_checkpoint, galleries
         directory.index.client.delete_collection(physical)
     with pytest.raises(IndexFormatError, match=physical):
         open_index_dir(out)
+
+
+def test_the_cli_builds_adds_and_searches_a_qdrant_index(tiny_checkpoint, galleries, tmp_path):
+    """``index build --backend qdrant``, ``index add`` and ``search --where`` through the real CLI."""
+    pytest.importorskip("qdrant_client")
+    import json
+
+    from typer.testing import CliRunner
+
+    from retrieval.cli.main import app
+
+    runner = CliRunner()
+    out, storage = tmp_path / "index", tmp_path / "qdrant-storage"
+    build = ["index", "build", "--encoder", str(tiny_checkpoint), "--images", str(galleries["gallery"])]
+    built = runner.invoke(app, [*build, "--out", str(out), "--backend", "qdrant", "--qdrant-url", str(storage)])
+    assert built.exit_code == 0, built.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["backend"] == "qdrant" and manifest["backend_options"]["collection"] == "index"
+    assert not (out / "index.faiss").exists()
+    added = runner.invoke(app, ["index", "add", str(out), "--images", str(galleries["more"]), "--json"])
+    assert added.exit_code == 0, added.output
+    assert json.loads(added.output)["count"] == 30
+    query = galleries["more"].parent / "m_1.png"
+    found = runner.invoke(
+        app, ["search", "--index", str(out), str(query), "--where", "fine=orange", "--json", "--k", "3"]
+    )
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.output)["results"][0]["hits"]
+    assert hits[0]["id"] == 25 and all(hit["labels"]["fine"] == "orange" for hit in hits)
+    # Qdrant options without the backend, and a backend without its URL, are refused before any work
+    refused = runner.invoke(app, [*build, "--out", str(tmp_path / "x"), "--qdrant-url", str(storage)])
+    assert refused.exit_code == 2 and "--backend qdrant" in refused.output
+    refused = runner.invoke(app, [*build, "--out", str(tmp_path / "x"), "--backend", "qdrant"])
+    assert refused.exit_code == 2 and "--qdrant-url" in refused.output
