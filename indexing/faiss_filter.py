@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexing.faiss_inputs import as_ids
 from indexing.faiss_layers import ivf_of, numpy_method
 from indexing.faiss_params import selector_parameters
 from indexing.faiss_placement import knn_cap
-from indexing.vector_index import NO_ID, SearchParams
+from indexing.vector_checks import as_ids
+from indexing.vector_index import NO_ID, LabelFilter, SearchParams
 
 if TYPE_CHECKING:
     from indexing.faiss_index import FaissIndex
@@ -44,6 +44,7 @@ __all__ = [
     "SUBSET_SCAN_MAX",
     "empty_hits",
     "filtered_search",
+    "refuse_where",
     "stored_subset",
     "subset_similarities",
     "widened_params",
@@ -190,3 +191,16 @@ def _keep_allowed(scores: np.ndarray, ids: np.ndarray, allowed: np.ndarray) -> t
     kept = np.take_along_axis(kept, order, axis=1)
     scores = np.where(kept, np.take_along_axis(scores, order, axis=1), EMPTY_SCORE).astype(np.float32)
     return scores, np.where(kept, np.take_along_axis(ids, order, axis=1), NO_ID)
+
+
+def refuse_where(where: LabelFilter | None) -> None:
+    """FAISS stores no labels: a label filter reaching it is a caller's mistake.
+
+    Raises:
+        ValueError: ``where`` is set.
+    """
+    if where is not None:
+        raise ValueError(
+            f"the faiss backend stores no labels, so it cannot apply the filter {where}: "
+            "the index directory resolves label filters to ids (allowed_ids)"
+        )

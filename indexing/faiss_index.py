@@ -23,7 +23,8 @@ searching run on a GPU replica, while the CPU index stays the copy that is saved
 ``FaissIndex`` is the ``VectorIndex`` registered as "faiss". Its seams live in sibling modules:
 ``faiss_layers`` (what a FAISS object is made of), ``faiss_placement`` (CPU or GPU), ``faiss_params``
 (search parameters), ``faiss_filter`` (search among allowed ids), ``faiss_range`` (range search),
-``faiss_tuning`` (recall tuning), ``faiss_kmeans`` (coarse training) and ``faiss_inputs`` (input checks).
+``faiss_tuning`` (recall tuning) and ``faiss_kmeans`` (coarse training); inputs are checked by
+``vector_checks``, the checks every backend shares.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from indexing import faiss_params, faiss_range, faiss_tuning
-from indexing.faiss_filter import empty_hits, filtered_search, stored_subset
-from indexing.faiss_inputs import as_ids, check_new_ids, check_unit_norm, check_vectors, refuse_where
+from indexing.faiss_filter import empty_hits, filtered_search, refuse_where, stored_subset
 from indexing.faiss_kmeans import two_level_kmeans
 from indexing.faiss_layers import (
     COARSE_EF_SEARCH,
@@ -54,6 +54,7 @@ from indexing.faiss_layers import (
 from indexing.faiss_placement import Device, gpu_available, to_gpu, use_gpu
 from indexing.faiss_tuning import TuneResult, per_query_recall, recall_at_k, recall_lower_bound
 from indexing.index_factory import training_sample_size
+from indexing.vector_checks import as_ids, check_new_ids, check_unit_norm, check_vectors
 from indexing.vector_index import (
     NO_ID,
     VECTOR_BACKENDS,

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from indexing.faiss_inputs import check_vectors
 from indexing.faiss_layers import faiss_lib, hnsw_of, ivf_of, refine_of, unwrap
 from indexing.faiss_placement import knn_cap
+from indexing.vector_checks import check_vectors
 from indexing.vector_index import NO_ID, SearchParams, check_k
 
 if TYPE_CHECKING:

@@ -1,17 +1,8 @@
 """Qdrant as a vector backend: the gallery's vectors in a Qdrant collection, for galleries beyond one machine.
 
-Where the vectors live is a *location* string, recorded in the manifest as ``url``:
-
-- ``http://HOST:PORT`` or ``https://HOST:PORT``: a Qdrant server or cluster; the API key, if any, comes from
-  the ``QDRANT_API_KEY`` environment variable and is never written anywhere;
-- ``:memory:``: qdrant-client's in-process store, shared by every ``:memory:`` index of the process and gone
-  when the process ends (tests, demos);
-- a directory path (``DIR``, or ``path:DIR`` where the path could be read as ``HOST:PORT``): qdrant-client's local
-  mode, an exact (brute-force) search over a store kept in ``DIR``, recorded as an absolute path. Local mode
-  locks ``DIR`` for one process, so this module keeps one client per location per process (``_acquire``),
-  shared by every index opened on it and kept open until the process ends or ``close_client`` (another process
-  can use the directory only then). It also pickles the points it stores, so ``DIR`` must be as trusted as the
-  code that reads it.
+Where the vectors live is a *location* string, recorded in the manifest as ``url``: a server
+(``http(s)://HOST:PORT``), qdrant-client's in-process store (``:memory:``) or its local mode in a directory;
+``qdrant_connection`` parses it and holds the one client per location that every index there shares.
 
 Every write makes a new *physical* collection ``<collection>-<8 hex>``; the *alias* ``<collection>`` names the
 live one. ``publish`` moves the alias in one atomic ``update_collection_aliases`` call and then drops the
@@ -26,21 +17,23 @@ query that is not unit-length ranks and scores exactly as it does against FAISS.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import re
 import secrets
-import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from indexing.qdrant_connection import (
+    QdrantConnection,
+    QdrantLocation,
+    acquire_connection,
+    import_qdrant,
+    release_connection,
+)
+from indexing.vector_checks import as_new_ids, check_unique, check_unit_norm, check_vectors, refuse_stored
 from indexing.vector_index import (
     NO_ID,
     VECTOR_BACKENDS,
@@ -50,30 +43,14 @@ from indexing.vector_index import (
     VectorIndex,
     check_k,
 )
-from retrieval.errors import UserFacingError
 
 if TYPE_CHECKING:
     from indexing.manifest import Manifest
 
-__all__ = [
-    "API_KEY_ENV",
-    "MEMORY",
-    "QDRANT_FACTORY",
-    "QdrantConnectionError",
-    "QdrantIndex",
-    "QdrantLocation",
-    "QdrantNotInstalledError",
-    "close_client",
-]
+__all__ = ["QDRANT_FACTORY", "QdrantIndex"]
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable holding the API key of a Qdrant server (read when connecting, never stored).
-API_KEY_ENV = "QDRANT_API_KEY"
-#: The location of qdrant-client's in-process store.
-MEMORY = ":memory:"
-#: Optional prefix of a local-mode location (``path:DIR``), for a path that could be read as ``HOST:PORT``.
-_PATH_PREFIX = "path:"
 #: The manifest's ``factory`` of every Qdrant index: Qdrant chooses and tunes its own structure (HNSW).
 QDRANT_FACTORY = "qdrant"
 #: Points per upsert request: large enough to amortise a round trip, small enough for the server's request limit.
@@ -88,8 +65,6 @@ _COUNT_FIRST_ABOVE = 10_000
 _RANGE_FIRST_LIMIT = 64
 #: Score of an empty result slot: FAISS's (-FLT_MAX), finite so results stay JSON-serialisable.
 _EMPTY_SCORE = float(np.finfo(np.float32).min)
-#: How far a vector's L2 norm may be from 1 before ``add`` refuses it (as ``FaissIndex.add``).
-_NORM_TOLERANCE = 1e-3
 #: ``range_search`` asks Qdrant for hits from slightly below the threshold and keeps those strictly above it,
 #: so a hit on the threshold's edge is never lost to rounding between Qdrant's arithmetic and ours.
 _RANGE_SLACK = 1e-6
@@ -99,196 +74,6 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 _OPTION_KEYS = frozenset({"url", "collection", "physical", "exact"})
 #: The options ``create`` takes (the physical collection is made there).
 _CREATE_KEYS = frozenset({"url", "collection", "exact"})
-
-
-class QdrantNotInstalledError(UserFacingError, ImportError):
-    """qdrant-client (the ``qdrant`` extra) is not installed."""
-
-
-class QdrantConnectionError(UserFacingError, ConnectionError):
-    """The Qdrant server of a location cannot be reached (down, wrong address, network)."""
-
-
-def _qdrant() -> tuple[Any, Any]:
-    """``(QdrantClient, models)``, imported on first use: qdrant-client is an optional dependency."""
-    try:
-        from qdrant_client import QdrantClient, models
-    except ImportError as exc:
-        raise QdrantNotInstalledError(
-            f'the qdrant backend needs qdrant-client: pip install "retrieval-engine[qdrant]" ({exc})'
-        ) from exc
-    return QdrantClient, models
-
-
-# ---------------------------------------------------------------------------------------------- locations
-
-
-@dataclass(frozen=True)
-class QdrantLocation:
-    """A parsed location string (see the module docstring for the syntax).
-
-    Attributes:
-        kind: "server" (HTTP(S) URL), "memory" (``:memory:``) or "path" (local mode in a directory).
-        url: the canonical string: the server URL without credentials or trailing slash, ``:memory:``, or the
-            absolute directory. It is what the manifest records and what keys the client cache.
-    """
-
-    kind: Literal["server", "memory", "path"]
-    url: str
-
-    @classmethod
-    def parse(cls, text: str) -> QdrantLocation:
-        """Parse ``http(s)://HOST[:PORT]``, ``:memory:``, ``DIR`` or ``path:DIR``.
-
-        Raises:
-            ValueError: an empty string, another URL scheme, or ``HOST:PORT`` without ``http://`` (the message
-                shows the forms).
-        """
-        forms = "http(s)://HOST:PORT, :memory: or a directory (path:DIR)"
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"a Qdrant location is {forms}; got {text!r}")
-        text = text.strip()
-        if text == MEMORY:
-            return cls("memory", MEMORY)
-        if text.startswith(_PATH_PREFIX):
-            directory = text[len(_PATH_PREFIX) :]
-            if not directory:
-                raise ValueError("a local Qdrant location needs a directory: path:DIR")
-            return cls("path", str(Path(directory).expanduser().resolve()))
-        parts = urlsplit(text)
-        if parts.scheme in ("http", "https") and parts.hostname:
-            host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-            netloc = host if parts.port is None else f"{host}:{parts.port}"  # drops any user:password@
-            return cls("server", urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")))
-        if "://" in text:
-            raise ValueError(f"a Qdrant location is {forms}; got {text!r} (only http and https URLs are supported)")
-        if re.fullmatch(r"[\w.-]+:\d+", text):
-            raise ValueError(f"a Qdrant location is {forms}; got {text!r}: did you mean http://{text}?")
-        return cls("path", str(Path(text).expanduser().resolve()))
-
-    @property
-    def is_local(self) -> bool:
-        """Whether qdrant-client itself holds the data (``:memory:`` or a directory): exact search, one process."""
-        return self.kind != "server"
-
-    def make_client(self) -> Any:
-        """A new ``QdrantClient`` for this location (local mode takes the directory's lock here)."""
-        client_class, _ = _qdrant()
-        if self.kind == "memory":
-            return client_class(location=MEMORY, force_disable_check_same_thread=True)
-        if self.kind == "path":
-            directory = self.url
-            try:
-                # every call is serialised by _Connection.lock, so sharing the SQLite handle across threads is safe
-                return client_class(path=directory, force_disable_check_same_thread=True)
-            except RuntimeError as exc:  # the directory is locked by another process
-                raise QdrantConnectionError(f"cannot open the local Qdrant store {directory}: {exc}") from exc
-        api_key = os.environ.get(API_KEY_ENV) or None
-        return client_class(url=self.url, api_key=api_key, check_compatibility=False)
-
-
-# ---------------------------------------------------------------------------------------------- client cache
-
-
-@dataclass
-class _Connection:
-    """One client per location per process, shared by every ``QdrantIndex`` on it.
-
-    Local mode is not thread-safe (numpy arrays grow under a search, one SQLite handle), so its calls are
-    serialised by ``lock``; a server client is thread-safe and its calls run concurrently.
-    """
-
-    location: QdrantLocation
-    client: Any
-    users: int = 0
-    lock: threading.RLock = field(default_factory=threading.RLock)
-
-    def guard(self) -> AbstractContextManager[Any]:
-        return self.lock if self.location.is_local else nullcontext()
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """``client.<method>(...)``, serialised for local mode.
-
-        An unreachable server, or one refusing the credentials, is a ``QdrantConnectionError``.
-        """
-        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-
-        try:
-            with self.guard():
-                return getattr(self.client, method)(*args, **kwargs)
-        except ResponseHandlingException as exc:
-            raise QdrantConnectionError(f"cannot reach Qdrant at {self.location.url}: {exc}") from exc
-        except UnexpectedResponse as exc:
-            if exc.status_code in (401, 403):
-                raise QdrantConnectionError(
-                    f"Qdrant at {self.location.url} refused the request ({exc.status_code} {exc.reason_phrase}): "
-                    f"set {API_KEY_ENV} to a key with access"
-                ) from exc
-            raise
-
-
-_CONNECTIONS: dict[str, _Connection] = {}
-_CONNECTIONS_LOCK = threading.Lock()
-_EXIT_HOOK_REGISTERED = False
-
-
-def _acquire(location: QdrantLocation) -> _Connection:
-    """The shared connection of ``location``, created on first use; each call must be paired with ``_release``."""
-    global _EXIT_HOOK_REGISTERED
-    with _CONNECTIONS_LOCK:
-        connection = _CONNECTIONS.get(location.url)
-        if connection is None:
-            connection = _Connection(location, location.make_client())
-            _CONNECTIONS[location.url] = connection
-            if not _EXIT_HOOK_REGISTERED:  # registered on first use, not on import
-                atexit.register(_close_all)
-                _EXIT_HOOK_REGISTERED = True
-        connection.users += 1
-        return connection
-
-
-def _close_all() -> None:
-    """Close every cached client at interpreter exit, while qdrant-client can still import what closing needs
-    (left to garbage collection, local mode's ``close`` fails with "sys.meta_path is None")."""
-    with _CONNECTIONS_LOCK:
-        connections = list(_CONNECTIONS.values())
-        _CONNECTIONS.clear()
-    for connection in connections:
-        try:
-            connection.client.close()
-        except Exception as exc:  # at exit: report, and go on closing the others
-            logger.debug("closing the Qdrant client of %s at exit failed: %s", connection.location.url, exc)
-
-
-def _release(connection: _Connection) -> None:
-    """Drop one user. The client stays open (and cached) for the next index on the location, and for whoever
-    holds it (``QdrantIndex.client``); ``close_client`` closes it."""
-    with _CONNECTIONS_LOCK:
-        connection.users -= 1
-
-
-def close_client(url: str) -> bool:
-    """Close the cached client of a location when no open index uses it; returns whether one was closed.
-
-    For a local directory this releases its lock, so another process can open it while this one goes on.
-
-    Raises:
-        ValueError: a bad location, or an index on it is still open.
-    """
-    location = QdrantLocation.parse(url)
-    with _CONNECTIONS_LOCK:
-        connection = _CONNECTIONS.get(location.url)
-        if connection is None:
-            return False
-        if connection.users > 0:
-            raise ValueError(f"{connection.users} open index(es) still use the Qdrant client of {location.url}")
-        del _CONNECTIONS[location.url]
-        with connection.guard():
-            connection.client.close()
-        return True
-
-
-# ---------------------------------------------------------------------------------------------- the index
 
 
 def _check_name(name: Any, what: str) -> str:
@@ -313,7 +98,7 @@ class QdrantIndex(VectorIndex):
     physical collection); the constructor only wraps what those two found.
 
     Args:
-        connection: the shared client of the location (``_acquire``d; released by ``close``).
+        connection: the shared client of the location (``acquire_connection``; released by ``close``).
         collection: the alias name.
         physical: the physical collection this index reads and writes.
         dim: dimension of the stored vectors.
@@ -326,8 +111,8 @@ class QdrantIndex(VectorIndex):
     files: ClassVar[tuple[str, ...]] = ()
     factory: str = QDRANT_FACTORY
 
-    def __init__(self, connection: _Connection, collection: str, physical: str, dim: int, *, exact: bool) -> None:
-        self._connection: _Connection | None = connection
+    def __init__(self, connection: QdrantConnection, collection: str, physical: str, dim: int, *, exact: bool) -> None:
+        self._connection: QdrantConnection | None = connection
         self._location = connection.location
         self._collection = collection
         self._physical = physical
@@ -373,8 +158,8 @@ class QdrantIndex(VectorIndex):
                 raise ValueError(f"the qdrant option exact must be true or false, got {exact!r}")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        _, models = _qdrant()
-        connection = _acquire(location)
+        _, models = import_qdrant()
+        connection = acquire_connection(location)
         try:
             _check_alias_free(connection, collection)
             physical = f"{collection}-{secrets.token_hex(4)}"
@@ -383,7 +168,7 @@ class QdrantIndex(VectorIndex):
             vectors = models.VectorParams(size=int(dim), distance=models.Distance.COSINE)
             connection.call("create_collection", collection_name=physical, vectors_config=vectors)
         except BaseException:
-            _release(connection)
+            release_connection(connection)
             raise
         logger.info("created Qdrant collection %s at %s (dim %d)", physical, location.url, dim)
         return cls(connection, collection, physical, int(dim), exact=exact)
@@ -413,7 +198,7 @@ class QdrantIndex(VectorIndex):
         exact = options.get("exact", False)
         if not isinstance(exact, bool):
             raise ValueError(f"qdrant backend option exact must be true or false, got {exact!r}")
-        connection = _acquire(location)
+        connection = acquire_connection(location)
         try:
             if not connection.call("collection_exists", physical):
                 raise ValueError(
@@ -423,7 +208,7 @@ class QdrantIndex(VectorIndex):
             info = connection.call("get_collection", physical)
             dim = _vector_size(info, physical)
         except BaseException:
-            _release(connection)
+            release_connection(connection)
             raise
         index = cls(connection, collection, physical, dim, exact=exact)
         index._indexed_levels = {key.removeprefix("labels.") for key in (info.payload_schema or {})}
@@ -537,21 +322,15 @@ class QdrantIndex(VectorIndex):
             ValueError: wrong shapes, non-finite or non-unit vectors, negative ids (Qdrant ids are unsigned),
                 duplicate ids, ids already stored, or labels that are not one mapping of strings per vector.
         """
-        vectors = self._check_vectors(vectors, "vectors")
+        vectors = check_vectors(vectors, self._dim, "vectors")
         ids = self._check_new_ids(ids, vectors.shape[0])
-        norms = np.linalg.norm(vectors, axis=1)
-        if vectors.shape[0] and np.abs(norms - 1.0).max() > _NORM_TOLERANCE:
-            worst = float(norms[np.abs(norms - 1.0).argmax()])
-            raise ValueError(
-                "vectors must be L2-normalised (the index ranks by inner product = cosine); "
-                f"found a norm of {worst:.4f}"
-            )
+        check_unit_norm(vectors)
         payloads = _payloads(labels, vectors.shape[0])
         if not vectors.shape[0]:
             return
         if payloads is not None:
             self._index_levels(sorted({level for payload in payloads for level in payload["labels"]}))
-        _, models = _qdrant()
+        _, models = import_qdrant()
         for start in range(0, vectors.shape[0], _UPSERT_BATCH):
             stop = start + _UPSERT_BATCH
             batch = models.Batch(
@@ -562,22 +341,13 @@ class QdrantIndex(VectorIndex):
             self._call("upsert", collection_name=self._physical, points=batch, wait=True)
 
     def _check_new_ids(self, ids: np.ndarray, count: int) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.shape[0] != count:
-            raise ValueError(f"ids must have shape ({count},) to match the vectors, got {ids.shape}")
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        """The new ids as int64: non-negative (which also rules out ``NO_ID``), unique, and not stored yet."""
+        ids = as_new_ids(ids, count)
         if (ids < 0).any():
             raise ValueError(
                 f"Qdrant point ids are unsigned: negative ids cannot be stored (found {ids[ids < 0][:5].tolist()})"
             )
-        unique = np.unique(ids)
-        if unique.size != ids.size:
-            raise ValueError("ids passed to add() must be unique; the same id appears more than once")
-        stored = self._stored(unique)
-        if stored.size:
-            raise ValueError(f"ids already in the index: {np.sort(stored)[:5].tolist()}")
+        refuse_stored(self._stored(check_unique(ids)))
         return ids
 
     def _index_levels(self, levels: Sequence[str]) -> None:
@@ -586,7 +356,7 @@ class QdrantIndex(VectorIndex):
         if not new:
             return
         if not self._location.is_local:
-            _, models = _qdrant()
+            _, models = import_qdrant()
             for level in new:
                 self._call(
                     "create_payload_index",
@@ -606,7 +376,7 @@ class QdrantIndex(VectorIndex):
         present = self._stored(ids[ids >= 0])
         if not present.size:
             return 0
-        _, models = _qdrant()
+        _, models = import_qdrant()
         for chunk in _chunks(present, _ID_BATCH):
             selector = models.PointIdsList(points=chunk.tolist())
             self._call("delete", collection_name=self._physical, points_selector=selector, wait=True)
@@ -719,7 +489,7 @@ class QdrantIndex(VectorIndex):
         thresholds: np.ndarray | None,
     ) -> list[list[Any]]:
         """The scored points of each query (cosine scores, best first): one request per query batch."""
-        _, models = _qdrant()
+        _, models = import_qdrant()
         answers: list[list[Any]] = []
         for start in range(0, queries.shape[0], _QUERY_BATCH):
             chunk = queries[start : start + _QUERY_BATCH]
@@ -759,12 +529,12 @@ class QdrantIndex(VectorIndex):
         ef_search = self._ef_search if params is None or params.ef_search is None else params.ef_search
         if self._location.is_local or (ef_search is None and not self._exact):
             return None
-        _, models = _qdrant()
+        _, models = import_qdrant()
         return models.SearchParams(hnsw_ef=ef_search, exact=self._exact)
 
     def _filter(self, where: LabelFilter | None, allowed_ids: np.ndarray | None) -> Any:
         """A Qdrant ``Filter`` for ``where`` and ``allowed_ids``; None for no filter, False when nothing can match."""
-        _, models = _qdrant()
+        _, models = import_qdrant()
         conditions: list[Any] = []
         if where is not None:
             if not isinstance(where, LabelFilter):
@@ -799,7 +569,7 @@ class QdrantIndex(VectorIndex):
         and names another physical collection; a collection the alias pointed at that no manifest named is left
         (and logged), since another index directory may still read it.
         """
-        _, models = _qdrant()
+        _, models = import_qdrant()
         current = self.alias_target()
         operations = []
         if current is not None:
@@ -847,7 +617,7 @@ class QdrantIndex(VectorIndex):
         """Release this index's use of the shared client (which stays open for others); later calls raise."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            _release(connection)
+            release_connection(connection)
 
     # ------------------------------------------------------------------ helpers
 
@@ -856,20 +626,9 @@ class QdrantIndex(VectorIndex):
             raise RuntimeError(f"the Qdrant index on {self._physical!r} is closed")
         return self._connection.call(method, *args, **kwargs)
 
-    def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or vectors.shape[1] != self._dim:
-            raise ValueError(f"{what} must have shape (N, {self._dim}), got {vectors.shape}")
-        if vectors.size and not np.issubdtype(vectors.dtype, np.floating):
-            raise ValueError(f"{what} must be floating point, got dtype {vectors.dtype}")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if not np.isfinite(vectors).all():
-            raise ValueError(f"{what} contain NaN or infinite values")
-        return vectors
-
     def _check_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Float32 queries and their norms (float64); a zero query has no cosine and is refused."""
-        queries = self._check_vectors(queries, "queries")
+        queries = check_vectors(queries, self._dim, "queries")
         norms = np.linalg.norm(queries.astype(np.float64), axis=1)
         if (norms == 0).any():
             raise ValueError("queries must be non-zero vectors")
@@ -879,7 +638,7 @@ class QdrantIndex(VectorIndex):
         return f"QdrantIndex(url={self.url!r}, collection={self._collection!r}, physical={self._physical!r})"
 
 
-def _check_alias_free(connection: _Connection, collection: str) -> None:
+def _check_alias_free(connection: QdrantConnection, collection: str) -> None:
     """Refuse an alias name taken by a real collection: ``publish`` could not create the alias after the build."""
     from retrieval.config import ConfigError
 

@@ -14,13 +14,8 @@ pytest.importorskip("qdrant_client")
 
 from indexing.faiss_index import FaissIndex
 from indexing.manifest import Manifest
-from indexing.qdrant_index import (
-    QdrantConnectionError,
-    QdrantIndex,
-    QdrantLocation,
-    QdrantNotInstalledError,
-    close_client,
-)
+from indexing.qdrant_connection import QdrantConnectionError, QdrantLocation, QdrantNotInstalledError, close_client
+from indexing.qdrant_index import QdrantIndex
 from indexing.vector_index import NO_ID, LabelFilter, SearchParams, backend_class
 from retrieval.config import ConfigError
 
