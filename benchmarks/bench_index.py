@@ -212,7 +212,7 @@ def bench_size(n: int, args: argparse.Namespace) -> list[Row]:
 
 
 #: Held-out queries ``FaissIndex.tune`` gets for the "tuned" rows (drawn like the queries, stored nowhere).
-TUNE_QUERIES = 500  # as many as make_index holds out (indexing.builder.TUNE_QUERIES)
+TUNE_QUERIES = 500  # as many as make_index holds out (indexing.index_choice.TUNE_QUERIES)
 
 
 def _ints(text: str) -> list[int]:

@@ -24,23 +24,38 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from indexing.embedding_store import DEFAULT_CHUNK_SIZE, EmbeddingStore, StoredEmbeddings, combine_stores
+from indexing.embedding_store import (
+    DEFAULT_CHUNK_SIZE,
+    EmbeddingStore,
+    ExtractionSpec,
+    StoredEmbeddings,
+    combine_stores,
+)
 from indexing.errors import IndexFormatError
 from indexing.extract import StoreRun, extract_embeddings
 from indexing.extract_job import ExtractOptions, Runtime, default_work_dir, extract_gallery
-from indexing.faiss_index import FaissIndex, TuneResult
+from indexing.faiss_index import FaissIndex
+from indexing.index_choice import (
+    AUTO_FACTORY,
+    TUNE_QUERIES,
+    BuiltIndex,
+    check_index_options,
+    check_target_recall,
+    resolve_factory,
+)
 from indexing.index_dir import check_replaceable, write_index_dir
-from indexing.index_factory import choose_factory, default_memory_budget, parse_size
 from indexing.manifest import HistoryEntry, Manifest
-from indexing.vector_index import DEFAULT_BACKEND, VectorIndex, backend_class
+from indexing.metadata import MetadataRow
+from indexing.streaming_merge import open_shards, stream_index
+from indexing.vector_index import DEFAULT_BACKEND, backend_class
 from indexing.whitening import WHITENING_METHODS, Whitening, fit_whitening
 from models.checkpoint import load_encoder
 from models.encoder import Encoder
@@ -62,10 +77,6 @@ __all__ = [
     "plan_whitening",
 ]
 
-#: ``factory`` value that lets ``choose_factory`` pick the index type from the gallery size and memory budget.
-AUTO_FACTORY = "auto"
-#: Gallery embeddings used as queries when tuning an approximate index.
-TUNE_QUERIES = 500
 #: What runs a build's extraction: this process's pipeline, or Ray Data over a Ray cluster.
 Engine = Literal["local", "ray"]
 ENGINES: tuple[str, ...] = ("local", "ray")
@@ -161,36 +172,6 @@ def plan_whitening(
     return WhitenPlan(method, None if dim is None else int(dim), fit_gallery, level)
 
 
-@dataclass(frozen=True)
-class BuiltIndex:
-    """A filled index, the factory it was made with and why, and how it was tuned.
-
-    Attributes:
-        index: trained, filled and (when approximate) tuned; its default search parameters are the tuned ones.
-        factory: the factory string used.
-        reason: why: ``choose_factory``'s explanation for "auto", otherwise that it was given.
-        tuning: ``FaissIndex.tune``'s result, or None for exact search (Flat) or a single vector.
-    """
-
-    index: VectorIndex
-    factory: str
-    reason: str
-    tuning: TuneResult | None
-
-    def manifest_fields(self) -> dict[str, Any]:
-        """The manifest fields describing this index: factory, factory_reason, search_params, tuning."""
-        tuning = None
-        if self.tuning is not None:
-            tuning = {key: value for key, value in asdict(self.tuning).items() if key != "params"}
-        params = self.tuning.params.to_dict() if self.tuning is not None else {}
-        return {
-            "factory": self.factory,
-            "factory_reason": self.reason,
-            "search_params": params or None,
-            "tuning": tuning,
-        }
-
-
 def make_index(
     vectors: np.ndarray,
     ids: np.ndarray,
@@ -243,19 +224,8 @@ def make_index(
         return _make_backend_index(vectors, ids, factory, memory_budget, backend, backend_options or {}, labels)
     if backend_options:
         raise ConfigError(f"the faiss backend takes no backend options, got {sorted(backend_options)}")
-    budget = _budget(memory_budget, factory)
-    _check_target(target_recall)
-    if factory == AUTO_FACTORY:
-        note = None
-        if budget is None:
-            budget, note = default_memory_budget(), "the default: half of this machine's RAM; --memory-budget sets it"
-        try:
-            choice = choose_factory(len(vectors), vectors.shape[1], budget, budget_note=note)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        factory, reason = choice.factory, f"auto: {choice.reason}"
-    else:
-        reason = "given explicitly (not chosen automatically)"
+    check_target_recall(target_recall)
+    factory, reason = resolve_factory(factory, memory_budget, len(vectors), vectors.shape[1])
     logger.info("index type %s (%s)", factory, reason)
     index = FaissIndex(vectors.shape[1], factory)
     index.train(vectors, seed=seed)
@@ -304,22 +274,6 @@ def _make_backend_index(
         index.discard()
         raise
     return BuiltIndex(index, index.factory, f"{backend} backend (it chooses and tunes its own index)", None)
-
-
-def _budget(memory_budget: int | str | None, factory: str) -> int | None:
-    if memory_budget is None:
-        return None
-    if factory != AUTO_FACTORY:
-        raise ConfigError(f"a memory budget only applies to factory 'auto', not to the given factory {factory!r}")
-    budget = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
-    if budget <= 0:
-        raise ConfigError(f"memory budget must be positive, got {memory_budget!r}")
-    return budget
-
-
-def _check_target(target_recall: float) -> None:
-    if not 0.0 < float(target_recall) <= 1.0:
-        raise ConfigError(f"target recall must be in (0, 1], got {target_recall}")
 
 
 def build_index(
@@ -462,7 +416,7 @@ def merge_shards(
         encoder_path: recorded as the default query encoder; default: the path the shards were embedded with.
         whiten, whiten_dim, whiten_images: as for :func:`build_index`; ``whiten_images`` is embedded with
             ``encoder_path`` (which must then be the shards' encoder) on ``device``.
-        progress: progress bar while embedding ``whiten_images``.
+        progress: progress bars while streaming the shards into the index and while embedding ``whiten_images``.
         backend, backend_options: as for :func:`build_index`.
 
     Raises:
@@ -473,6 +427,20 @@ def merge_shards(
     check_index_options(factory, memory_budget, target_recall, backend)
     stores = [EmbeddingStore.open(path) for path in shard_dirs]
     plan = plan_whitening(whiten, whiten_dim, whiten_images, stores[0].spec.levels if stores else ())
+    if plan is None and backend == DEFAULT_BACKEND:  # stream the chunk files: never every vector at once
+        shard_set = open_shards(shard_dirs)
+        built = stream_index(shard_set, factory, memory_budget, target_recall, progress=progress)
+        return write_built_index(
+            built,
+            shard_set.spec,
+            shard_set.skipped,
+            shard_set.metadata_rows(),
+            out_path,
+            encoder_path=encoder_path or shard_set.spec.encoder_path,
+            action="merge",
+            start=start,
+            shards=len(stores),
+        )
     stored = combine_stores(stores)
     whitening = None
     if plan is not None:
@@ -581,13 +549,43 @@ def index_embeddings(
         backend_options=backend_options,
         labels=[row.labels for row in rows],
     )
+    return write_built_index(
+        built,
+        spec,
+        stored.skipped,
+        rows,
+        out_path,
+        encoder_path=encoder_path,
+        action=action,
+        start=start,
+        run=run,
+        shards=shards,
+        whitening=whitening,
+    )
+
+
+def write_built_index(
+    built: BuiltIndex,
+    spec: ExtractionSpec,
+    skipped: SkipReport,
+    rows: Iterable[MetadataRow],
+    out_path: str | Path,
+    *,
+    encoder_path: str | Path | None,
+    action: str,
+    start: float,
+    run: StoreRun | None = None,
+    shards: int = 1,
+    whitening: Whitening | None = None,
+) -> BuildSummary:
+    """Write the index directory of a built index: manifest with its history, metadata ``rows`` (consumed lazily)."""
     index, fields = built.index, built.manifest_fields()
     history = HistoryEntry(
         action=action,
         source=spec.gallery_source,
         images=spec.gallery_count,
         added=index.ntotal,
-        skipped=len(stored.skipped),
+        skipped=len(skipped),
         shards=shards,
     )
     manifest = Manifest(
@@ -596,17 +594,17 @@ def index_embeddings(
         encoder_id=spec.encoder_id,
         encoder_path=str(Path(encoder_path).resolve()) if encoder_path is not None else None,
         levels=list(spec.levels),
-        skipped=len(stored.skipped),
+        skipped=len(skipped),
         history=[history.to_dict()],
         backend=index.backend,
         **fields,
     )
-    write_index_dir(out_path, index, rows, manifest, skipped=stored.skipped, whitening=whitening)
+    write_index_dir(out_path, index, rows, manifest, skipped=skipped, whitening=whitening)
     seconds = time.perf_counter() - start
-    logger.info("indexed %d images (%d skipped) into %s in %.1fs", index.ntotal, len(stored.skipped), out_path, seconds)
+    logger.info("indexed %d images (%d skipped) into %s in %.1fs", index.ntotal, len(skipped), out_path, seconds)
     return BuildSummary(
         count=index.ntotal,
-        skipped=stored.skipped,
+        skipped=skipped,
         seconds=seconds,
         out_path=Path(out_path),
         encoder_id=spec.encoder_id,
@@ -622,17 +620,6 @@ def _whitening_summary(whitening: Whitening | None) -> dict[str, Any] | None:
         return None
     pairs = whitening.details.get("pairs")
     return {**whitening.describe(), **({"pairs": pairs} if pairs is not None else {})}
-
-
-def check_index_options(
-    factory: str, memory_budget: int | str | None, target_recall: float, backend: str = DEFAULT_BACKEND
-) -> None:
-    """Bad index options fail before the extraction, not after it."""
-    backend_class(backend)  # an unknown backend lists the valid ones
-    if backend != DEFAULT_BACKEND and memory_budget is not None:
-        raise ConfigError(f"--memory-budget sizes FAISS indexes; the {backend} backend sizes its own")
-    _budget(memory_budget, factory)
-    _check_target(target_recall)
 
 
 def check_engine(engine: str) -> None:
