@@ -23,6 +23,11 @@ schedule is fitted to the budget once the step time is measured (``training.budg
 Resuming is bit-exact on CPU: N steps straight and N/2 + resume + N/2 give identical weights, because
 the batch stream is a pure function of the step (``training.batches``) and every stateful piece
 (optimiser, schedule, loss proxies, grad scaler, RNGs, a schedule fitted to a time budget) is checkpointed.
+
+Under ``torchrun`` the same loop runs in every process (``training.distributed``): each rank loads its slice of
+the same global batch, the objective gathers the embeddings, the gradients are synchronised so every rank takes
+the update one process would take on the whole batch, and rank 0 alone writes files, evaluates and draws
+progress while the others wait. The checkpoint holds no per-rank state, so a run resumes on any world size.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.sampler import AspectRatioBatchSampler, HierarchicalPKSampler, PKBatchSampler, read_image_sizes
 from retrieval.data.transforms import build_transforms
 from retrieval.evaluation.report import EvaluationReport
+from training import distributed
 from training.batches import (
     AspectTrainTransform,
     JointlyResizedSamples,
@@ -204,8 +210,9 @@ class Trainer:
         self.out_dir = out_dir
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        # under torchrun: join the process group (each rank on its own GPU); one process: nothing changes
+        self.world, self.device = distributed.setup(resolve_device(config.device))
+        self.progress = progress and self.world.is_main
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         if config.deterministic:
@@ -215,7 +222,7 @@ class Trainer:
         self.amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
         if objective is None:
             objective = create_objective(self.config, train_dataset)
-        self.objective = objective.to(self.device)
+        self.objective = distributed.sync_batchnorm(objective, self.device).to(self.device)
         # the objective may resolve the model section (a student takes its teacher's dimension and id)
         self.config = self.config.model_copy(update={"model": self.objective.model_section()})
         self.objective.set_autocast(self._autocast)
@@ -223,6 +230,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.sampler = _build_sampler(self.config, train_dataset)
+        distributed.check_batch_divisible(self.sampler.batch_size, self.world.size)
+        per_rank = {id(param) for param in self.objective.per_rank_parameters()}
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._summed_params = [p for p in trainable if id(p) in per_rank]
+        self._averaged_params = [p for p in trainable if id(p) not in per_rank]
         preprocess = self.encoder.config.preprocess  # the trained encoder's own input size (a student's differs)
         if isinstance(self.sampler, AspectRatioBatchSampler):  # the size is chosen per batch
             self.train_transform = AspectTrainTransform(preprocess, config.augment)
@@ -256,34 +268,40 @@ class Trainer:
                 slice); a later ``fit()`` resumes from there.
         """
         started = time.perf_counter()
+        main = self.world.is_main
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.out_dir / "config.yaml")
+        if main:
+            save_config(self.config, self.out_dir / "config.yaml")
         resumed = resume and (self.checkpoint_dir / TRAIN_STATE_FILE).is_file()
         if not resumed and self.step > 0:
             raise RuntimeError("this Trainer has already trained; build a new Trainer to start the run over")
         if resumed:
             self._restore(load_training_checkpoint(self.checkpoint_dir, self.objective.checkpoint_encoders()))
             logger.info("resumed %s at step %d", self.checkpoint_dir, self.step)
-        elif self.checkpoint_dir.exists():
+        elif self.checkpoint_dir.exists() and main:
             logger.warning("starting over; the checkpoint in %s will be replaced", self.checkpoint_dir)
-        log = MetricsLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if resumed else None)
+        log = (
+            MetricsLog(self.out_dir / "metrics.jsonl", keep_until_step=self.step if resumed else None) if main else None
+        )
         with _deterministic(self.config.deterministic):
             run = self._train_until(stop_at_step, log, started)
             if run["stopped"] == "completed" and self.step < self.schedule_steps:
                 run["stopped"] = "stop_at_step"
             self._save_checkpoint()
-            report = self.evaluate()
-        if report is not None:
+            report = self.evaluate() if main else None
+        if report is not None and log is not None:
             log.write(self.step, event="eval", **report.to_dict())
             logger.info("step %d validation:\n%s", self.step, report.format_table())
         encoder_path = self.out_dir / "encoder"
         self._set_provenance()
-        encoder_id = save_encoder(self.encoder, encoder_path)
+        encoder_id = save_encoder(self.encoder, encoder_path) if main else ""
         extra_paths = []
         for name, extra in self.objective.extra_outputs().items():  # a cohort's models, beside the ensemble
             self._set_provenance(extra, output=name)
-            save_encoder(extra, self.out_dir / name)
+            if main:
+                save_encoder(extra, self.out_dir / name)
             extra_paths.append(self.out_dir / name)
+        encoder_id = distributed.broadcast_object(encoder_id)  # the other ranks return once the files exist
         train_seconds = run["train_seconds"]
         return TrainResult(
             steps=self.step,
@@ -333,14 +351,17 @@ class Trainer:
         )
 
     def evaluate(self) -> EvaluationReport | None:
-        """Leave-one-out retrieval metrics per level on the validation set (``None`` without one)."""
+        """Leave-one-out retrieval metrics per level on the validation set (``None`` without one).
+
+        Under ``torchrun`` the trainer calls it on rank 0 only (the others wait at their next collective).
+        """
         if self.val_dataset is None:
             return None
         return self.objective.evaluate(self.val_dataset, lambda encoder, dataset: self.embed(dataset, encoder))
 
     # ------------------------------------------------------------------ the loop
 
-    def _train_until(self, stop_at_step: int | None, log: MetricsLog, started: float) -> dict[str, Any]:
+    def _train_until(self, stop_at_step: int | None, log: MetricsLog | None, started: float) -> dict[str, Any]:
         cfg = self.config
         budget = cfg.schedule.max_minutes * 60.0 if cfg.schedule.max_minutes else None
         run: dict[str, Any] = {"steps": 0, "images": 0, "train_seconds": 0.0, "stopped": "completed", "last_loss": None}
@@ -356,15 +377,16 @@ class Trainer:
                 images, labels, indices = next(batches)
                 loss, lr, grad_norm = self._train_step(images, labels, indices)
                 elapsed = time.perf_counter() - tick
+                count = len(images) * self.world.size  # the global batch
                 self.step += 1
-                self.images_seen += len(images)
+                self.images_seen += count
                 run["steps"] += 1
-                run["images"] += len(images)
+                run["images"] += count
                 run["train_seconds"] += elapsed
-                window.add(loss, grad_norm, len(images), elapsed)
+                window.add(loss, grad_norm, count, elapsed)
                 if timer is not None:
                     timer.record(elapsed)
-                    if timer.ready:
+                    if distributed.agree(timer.ready, self.device):  # rank 0's clock decides for every rank
                         assert budget is not None  # a timer exists only with a budget
                         self._fit_to_budget(timer, budget, started, log)
                         timer = None
@@ -374,11 +396,12 @@ class Trainer:
                     run["last_loss"] = self._log_window(window, lr, log, bar)
                 else:
                     bar.update(self.step)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target and log is not None:
                     self._evaluate_and_log(log)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < target:
                     self._save_checkpoint()
-                if budget is not None and time.perf_counter() - started > budget and self.step < target:
+                over_budget = budget is not None and time.perf_counter() - started > budget
+                if budget is not None and distributed.agree(over_budget, self.device) and self.step < target:
                     run["stopped"] = "time_budget"
                     logger.warning(
                         "time budget of %.2f min spent at step %d of %d: stopping early; this is a partial run",
@@ -397,21 +420,28 @@ class Trainer:
         end = self.schedule_steps
         return end if stop_at_step is None else max(self.step, min(stop_at_step, end))
 
-    def _fit_to_budget(self, timer: StepTimer, budget: float, started: float, log: MetricsLog) -> None:
-        """Shorten the schedule to the steps that fit the budget (``training.budget``); logged once."""
+    def _fit_to_budget(self, timer: StepTimer, budget: float, started: float, log: MetricsLog | None) -> None:
+        """Shorten the schedule to the steps that fit the budget (``training.budget``); logged once.
+
+        Under ``torchrun`` rank 0 measures and fits, and every rank takes its fit (one schedule for all).
+        """
         cfg = self.config
-        evaluates = 0 < cfg.eval_every < cfg.schedule.max_steps  # periodic evaluations inside the run
-        eval_seconds = self._estimate_eval_seconds() if evaluates else 0.0
-        fit = fit_schedule(
-            planned_steps=cfg.schedule.max_steps,
-            warmup_steps=cfg.schedule.resolved_warmup_steps(),
-            step=self.step,
-            elapsed_seconds=time.perf_counter() - started,  # the evaluation probe's own cost included
-            budget_seconds=budget,
-            step_seconds=timer.step_seconds,
-            eval_seconds=eval_seconds,
-            eval_every=cfg.eval_every if evaluates else 0,
-        )
+        fit: BudgetFit | None = None
+        if self.world.is_main:
+            evaluates = 0 < cfg.eval_every < cfg.schedule.max_steps  # periodic evaluations inside the run
+            eval_seconds = self._estimate_eval_seconds() if evaluates else 0.0
+            fit = fit_schedule(
+                planned_steps=cfg.schedule.max_steps,
+                warmup_steps=cfg.schedule.resolved_warmup_steps(),
+                step=self.step,
+                elapsed_seconds=time.perf_counter() - started,  # the evaluation probe's own cost included
+                budget_seconds=budget,
+                step_seconds=timer.step_seconds,
+                eval_seconds=eval_seconds,
+                eval_every=cfg.eval_every if evaluates else 0,
+            )
+        fit = distributed.broadcast_object(fit)
+        assert fit is not None  # rank 0 always fits
         self.budget_fit = fit
         if fit.shortened:
             for schedule in self.scheduler.lr_lambdas:  # the WarmupCosine of every group (stored in checkpoints)
@@ -423,10 +453,12 @@ class Trainer:
                 self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
             ):
                 group["lr"] = base * schedule(last)
-            logger.warning(fit.describe())
+            if self.world.is_main:
+                logger.warning(fit.describe())
         else:
             logger.info(fit.describe())
-        log.write(self.step, event="budget", **fit.to_dict())
+        if log is not None:
+            log.write(self.step, event="budget", **fit.to_dict())
 
     def _estimate_eval_seconds(self) -> float:
         """Seconds one periodic evaluation will take: a timed embedding of a slice of the validation set, scaled."""
@@ -447,6 +479,8 @@ class Trainer:
         else:
             samples = WithIndex(SeededSamples(self.train_dataset.with_transform(self.train_transform)))
             keys = step_batches(self.sampler, start_step, self.config.seed)
+        if self.world.distributed:  # every rank draws the global batch and loads its own slice of it
+            keys = distributed.shard_keys(keys, self.world.rank, self.world.size)
         loader = DataLoader(
             samples,
             batch_sampler=keys,
@@ -463,9 +497,9 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         views = images.unbind(1) if images.ndim == 5 else ()  # (B, views, 3, H, W) from MultiView
         batch = Batch(
-            images=views[0] if views else images,
-            labels=labels.to(self.device, non_blocking=True),
-            indices=indices.to(self.device, non_blocking=True),
+            images=views[0] if views else images,  # under torchrun, this rank's slice; labels are global
+            labels=distributed.gather_tensor(labels.to(self.device, non_blocking=True)),
+            indices=distributed.gather_tensor(indices.to(self.device, non_blocking=True)),
             step=self.step,
             epoch=self.step // len(self.sampler),
             epochs_done=self.step / len(self.sampler),
@@ -474,6 +508,8 @@ class Trainer:
         loss = self.objective.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        # under torchrun: encoders' gradients summed, the loss's proxies' averaged (training.distributed)
+        distributed.sync_gradients(self._summed_params, self._averaged_params)
         grad_norm = None
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -490,7 +526,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _log_window(self, window: _Window, lr: float, log: MetricsLog, bar: TrainProgress | None) -> float:
+    def _log_window(self, window: _Window, lr: float, log: MetricsLog | None, bar: TrainProgress | None) -> float:
         loss, grad_norm, ips = window.summary()
         window.reset()
         if not math.isfinite(loss) and not self.scaler.is_enabled():
@@ -499,7 +535,10 @@ class Trainer:
                 "lower optim.lr, raise schedule.warmup_steps or set grad_clip"
             )
         epoch = self.step // len(self.sampler)
-        log.write(self.step, event="train", epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, images_per_second=ips)
+        if log is not None:
+            log.write(
+                self.step, event="train", epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, images_per_second=ips
+            )
         if bar is not None:
             bar.update(self.step, loss=loss, images_per_second=ips)
         return loss
@@ -531,6 +570,12 @@ class Trainer:
         encoder.config = encoder.config.model_copy(update={"provenance": provenance})
 
     def _save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; under ``torchrun`` the others wait until it is in place."""
+        if self.world.is_main:
+            self._write_checkpoint()
+        distributed.barrier()
+
+    def _write_checkpoint(self) -> None:
         self._set_provenance()
         state = {
             "step": self.step,

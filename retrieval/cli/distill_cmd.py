@@ -53,6 +53,7 @@ def distill(
     """
     with user_errors():
         from retrieval.config import ConfigError
+        from training import distributed
         from training.config import load_recipe_config, recipe_objective
         from training.data_factory import build_datasets
         from training.recipe_paths import find_recipe
@@ -71,9 +72,14 @@ def distill(
         cfg = load_recipe_config(recipe, overrides)
         train_dataset, val_dataset = build_datasets(cfg.data)
         trainer = Trainer(cfg, train_dataset, val_dataset, progress=not as_json)
-        result = trainer.fit(resume=resume)
+        try:
+            result = trainer.fit(resume=resume)
+        finally:
+            distributed.teardown()  # leaves the torchrun process group, if the run joined one
         reports = getattr(trainer.objective, "last_reports", {})
         teacher_id = trainer.encoder.config.teacher_id
+    if not distributed.is_main_process():  # under torchrun, rank 0 reports for every process
+        return
     summary = {
         **result.to_dict(),
         "teacher_id": teacher_id,

@@ -65,8 +65,12 @@ def train(
     checkpoint. With schedule.max_minutes the run measures its speed and fits the learning-rate schedule to
     the budget (schedule.fit_to_budget: false keeps the planned one). Interrupt with Ctrl-C and re-run the
     same command to resume.
+
+    Under torchrun (`torchrun --nproc-per-node N -m retrieval.cli.main train ...`) the N processes share each
+    batch and take the update one process would take on it; rank 0 alone writes, evaluates and prints.
     """
     with user_errors():
+        from training import distributed
         from training.config import load_recipe_config
         from training.recipe_paths import find_recipe
         from training.trainer import train as run_training
@@ -76,7 +80,12 @@ def train(
             set_, {**data_options(images, val_images), **start_options(out, weights, init_from)}
         )
         cfg = load_recipe_config(find_recipe(recipe), overrides)
-        result = run_training(cfg, resume=resume, progress=not as_json)
+        try:
+            result = run_training(cfg, resume=resume, progress=not as_json)
+        finally:
+            distributed.teardown()  # leaves the torchrun process group, if the run joined one
+    if not distributed.is_main_process():  # under torchrun, rank 0 reports for every process
+        return
     summary = result.to_dict()
     if as_json:
         print_json(summary)

@@ -45,10 +45,12 @@ class Batch:
     """One training step's input, already on the training device.
 
     Attributes:
-        images: ``(B, 3, H, W)`` augmented, normalised images.
-        labels: ``(B, L)`` int64 labels, finest level first.
+        images: ``(B, 3, H, W)`` augmented, normalised images. Under ``torchrun``, this rank's slice of the
+            global batch: an objective passes what it embeds through ``training.distributed.gather_embeddings``
+            (the identity in one process) before a loss, so the loss sees the global batch.
+        labels: ``(B, L)`` int64 labels, finest level first (of the global batch, under ``torchrun`` too).
         indices: ``(B,)`` int64 positions of the images in the training dataset (what a per-image cache,
-            such as the teacher's embeddings, is looked up by).
+            such as the teacher's embeddings, is looked up by); of the global batch, like ``labels``.
         step: the 0-based optimiser step this batch trains (a seed for anything drawn per step).
         epoch: the sampler epoch the batch belongs to (for what is refreshed once per epoch).
         epochs_done: ``step / steps per epoch``: the epochs trained before this batch, fractional (for what is
@@ -111,6 +113,22 @@ class TrainingObjective(nn.Module, ABC):
     def views_per_image(self) -> int:
         """Augmentations of each training image a batch carries (``Batch.views``); 1 for most objectives."""
         return 1
+
+    def per_rank_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that see a batch only through this rank's own images: the checkpointed encoders'.
+
+        Under ``torchrun`` each rank embeds its slice of the global batch and gathers the embeddings
+        (``training.distributed``): these parameters' gradients are partial on every rank and are summed across
+        ranks; every other trainable parameter (a loss's proxies) sees the gathered batch whole, its gradient is
+        complete on every rank and is averaged. An objective whose trainable modules run on the gathered batch
+        itself overrides this.
+        """
+        params: dict[int, nn.Parameter] = {}
+        for encoder in self.checkpoint_encoders().values():
+            for param in encoder.parameters():
+                if param.requires_grad:
+                    params.setdefault(id(param), param)
+        return list(params.values())
 
     @abstractmethod
     def param_groups(self, optim: Any) -> list[dict[str, Any]]:

@@ -14,6 +14,9 @@ and in eval mode; its embeddings of the training images are computed once and me
 
 The student checkpoint records the teacher's id (``EncoderConfig.teacher_id``), which is how indexes, search,
 serving and evaluation accept it for the teacher's index and refuse it for any other.
+
+Under ``torchrun`` the student's vectors of every rank's slice are gathered before mining and the loss, so both
+see the global batch; rank 0 embeds the teacher's cache first and the other ranks read it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from retrieval.config import ConfigError
 from retrieval.data.datasets import LabelledImageDataset
 from retrieval.evaluation.asymmetric import ASYMMETRIC, evaluate_asymmetric
 from retrieval.evaluation.report import EvaluationReport
+from training.distributed import gather_embeddings, main_process_first
 from training.embedding import embed_dataset
 from training.losses import available_losses, create_loss, is_distillation_loss
 from training.mining import AsymmetricTupleMiner, MinedTuples
@@ -83,7 +87,8 @@ class DistillationObjective(TrainingObjective):
         self.student = build_encoder(config, student_config)
         num_classes = [train_dataset.vocab.num_classes(k) for k in range(train_dataset.schema.num_levels)]
         self.loss_fn = create_loss(config.loss.name, num_classes, student_config.embedding_dim, **config.loss.params)
-        self.cache = self._open_cache(train_dataset, device)
+        with main_process_first():  # under torchrun rank 0 embeds and writes the cache; the others then read it
+            self.cache = self._open_cache(train_dataset, device)
         self._table = torch.from_numpy(self.cache.embeddings)  # a view of the memory map, read lazily
         positives = _official_positives(train_dataset)
         self.miner = AsymmetricTupleMiner(
@@ -109,7 +114,7 @@ class DistillationObjective(TrainingObjective):
     def loss(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
             student = self.student(batch.images)
-        student = student.float()
+        student = gather_embeddings(student.float())  # under torchrun: the global batch's, as labels and indices
         positions = batch.indices.cpu().numpy()
         if not getattr(self.loss_fn, "needs_tuples", False):
             return self.loss_fn(student, batch.labels, ref_emb=self._teacher_rows(positions, student.device))

@@ -4,6 +4,9 @@ This is the objective every recipe trained before objectives existed, kept step 
 built before the loss (so the RNG draws, and the quickstart's weights, are what they were), the loss runs in
 full precision on the encoder's output, and the loss's parameters (proxies) are the ``loss`` optimiser group.
 A ``mixup`` section adds Metrix's mixed loss (``training.mixup``).
+
+Under ``torchrun`` the encoder embeds this rank's slice of the batch and the loss runs on the embeddings
+gathered from every rank (``training.distributed.gather_embeddings``), so its value is the global batch's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from models.encoder import Encoder
 from retrieval.config import ConfigError
@@ -20,8 +24,9 @@ from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.labels import class_parents
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
+from training.distributed import gather_embeddings, gather_shared, gather_tensor, share, world
 from training.losses import create_loss, is_distillation_loss, needs_hierarchy
-from training.mixup import Mixup
+from training.mixup import MixingPairs, Mixup, mix
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
 from training.optim import param_groups
 from training.starting_weights import build_encoder
@@ -139,12 +144,53 @@ def model_loss(
 
     The forward pass runs under ``autocast``; the loss in full precision, with Metrix's mixed loss added when the
     model has a ``mixup`` step. Shared by the metric objective and each model of a DM² cohort.
+
+    Under ``torchrun`` ``images`` is this rank's slice and the embeddings are gathered before the loss (the
+    returned ones are the global batch's); Metrix's mixed items are made by :func:`_embed_mixed_distributed`.
     """
     if mixup is None:
         with autocast():
             clean = encoder(images)
-        return loss_fn(clean.float(), batch.labels), clean.float()
+        clean = gather_embeddings(clean.float())
+        return loss_fn(clean, batch.labels), clean
     pairs = mixup.pairs(batch.labels, batch.step)
+    if world().distributed:
+        with autocast():
+            clean, mixed = _embed_mixed_distributed(mixup, encoder, images, pairs)
+        return mixup.loss(clean, batch.labels, mixed, pairs), clean
     with autocast():
         clean, mixed = mixup.embed(encoder, images, pairs)
     return mixup.loss(clean, batch.labels, mixed, pairs), clean.float()
+
+
+def _embed_mixed_distributed(
+    mixup: Mixup, encoder: Encoder, images: torch.Tensor, pairs: MixingPairs | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``Mixup.embed`` under ``torchrun``: the global batch's clean and mixed float32 embeddings from this rank's
+    slice of the images.
+
+    The pairs index the global batch, so a mixed item may need two ranks' images. ``embedding`` mixup mixes the
+    gathered embeddings. ``input`` mixup gathers the images (constants: no gradient), mixes this rank's
+    :func:`~training.distributed.share` of the pairs and embeds them in one pass with its own images (BatchNorm
+    then sees clean and mixed items together, as in one process, once synchronised). ``feature`` mixup gathers the
+    feature maps with :func:`~training.distributed.gather_shared` (a row's gradient comes from whichever ranks
+    mixed it) and embeds its share of the mixed maps. The mixed shares are gathered in rank order, which restores
+    the pairs' order.
+    """
+    kind = mixup.config.kind
+    if pairs is None or kind == "embedding":
+        clean = gather_embeddings(encoder(images).float())
+        return clean, None if pairs is None else F.normalize(mix(clean, pairs), dim=-1)
+    current = world()
+    mine = share(len(pairs), current.rank, current.size)
+    part = MixingPairs(
+        anchors=pairs.anchors[mine], first=pairs.first[mine], second=pairs.second[mine], lam=pairs.lam[mine]
+    )
+    if kind == "input":
+        both = encoder(torch.cat([images, mix(gather_tensor(images), part)]))
+        clean_local, mixed_local = both[: len(images)], both[len(images) :]
+    else:
+        features = encoder.feature_map(images)
+        clean_local = encoder.embed_feature_map(features)
+        mixed_local = encoder.embed_feature_map(mix(gather_shared(features), part))
+    return gather_embeddings(clean_local.float()), gather_embeddings(mixed_local.float())

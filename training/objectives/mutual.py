@@ -17,6 +17,9 @@ towards the others' view of the batch and none is pulled by its own reflection. 
 
 The run's result is the ensemble (``models.ensemble.EnsembleEncoder``: the models' embeddings concatenated and
 re-normalised), which indexes, exports and serves like any encoder; each model is saved too (``members/<l>``).
+
+Under ``torchrun`` every model's embeddings of this rank's slice are gathered (``model_loss`` does it for the
+models that step, ``loss`` for the partners), so the relation matrices are the global batch's ``N x N``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from retrieval.config import ConfigError
 from retrieval.data.datasets import LabelledImageDataset
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
+from training.distributed import gather_embeddings
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
 from training.objectives.metric import build_metric_loss, build_mixup, mixup_provenance, model_loss
 from training.optim import param_groups
@@ -158,7 +162,7 @@ class MutualLearningObjective(TrainingObjective):
             images = batch.view(index) if self.mutual.view_diversity else batch.images
             if not updating[index]:  # a partner this step: its distances matter, its parameters do not move
                 with torch.no_grad(), self.autocast():
-                    embeddings.append(encoder(images).float())
+                    embeddings.append(gather_embeddings(encoder(images).float()))  # the global batch's (torchrun)
                 metric_losses.append(None)
                 continue
             metric, clean = model_loss(encoder, loss_fn, mixup, images, batch, self.autocast)
