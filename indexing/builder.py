@@ -338,7 +338,7 @@ def build_index(
         backend_options: the backend's options (Qdrant: ``url``, ``collection``).
         engine: what runs the extraction: "local" (this process) or "ray" (Ray Data, an actor pool over the
             Ray cluster ``ray.init`` reaches; ``indexing.ray_extract``). Both write the same chunk files.
-        actors: encoder actors of the Ray engine (default: one per GPU, else per 2 CPUs).
+        actors: encoder actors of the Ray engine (default: one per GPU, else one per CPU core).
 
     Raises:
         ConfigError: a bad factory string, memory budget, target recall or whitening option.

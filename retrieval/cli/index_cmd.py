@@ -170,7 +170,7 @@ def build(
         '"retrieval-engine[distributed]"`). Both write the same chunk files and build the same index.',
     ),
     actors: int | None = typer.Option(
-        None, "--actors", min=1, help="Encoder actors with --engine ray (default: one per GPU, else per 2 CPUs)."
+        None, "--actors", min=1, help="Encoder actors with --engine ray (default: one per GPU, else one per CPU core)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
