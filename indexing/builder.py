@@ -49,6 +49,7 @@ from indexing.index_choice import (
     BuiltIndex,
     check_index_options,
     check_target_recall,
+    log_tuning,
     resolve_factory,
 )
 from indexing.index_dir import check_replaceable, write_index_dir
@@ -243,14 +244,7 @@ def make_index(
         tuning = index.tune(vectors[held], target_recall, seed=seed)
         index.add(vectors[held], ids[held])
     if tuning is not None:
-        logger.info(
-            "tuned %s: %s, recall@%d %.3f on %d held-out queries",
-            factory,
-            tuning.params.to_dict(),
-            tuning.k,
-            tuning.recall,
-            tuning.num_queries,
-        )
+        log_tuning(factory, tuning)
     return BuiltIndex(index, factory, reason, tuning)
 
 

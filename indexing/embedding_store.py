@@ -50,6 +50,7 @@ __all__ = [
     "ExtractionMismatchError",
     "ExtractionSpec",
     "StoredEmbeddings",
+    "chunk_owners",
     "combine_stores",
     "parse_shard",
 ]
@@ -367,8 +368,8 @@ def _remove_torn_chunks(path: Path) -> None:
         torn.unlink(missing_ok=True)
 
 
-def combine_stores(stores: list[EmbeddingStore]) -> StoredEmbeddings:
-    """Read one complete extraction, or the shards of one, into arrays in gallery order.
+def chunk_owners(stores: list[EmbeddingStore]) -> list[EmbeddingStore]:
+    """The store holding each chunk of one extraction, in chunk order, after checking the stores fit together.
 
     Raises:
         ExtractionMismatchError: the stores belong to different jobs (encoder, gallery, chunking), overlap,
@@ -411,9 +412,21 @@ def combine_stores(stores: list[EmbeddingStore]) -> StoredEmbeddings:
             "encoder was exported), not bit for bit",
             ", ".join(runtimes),
         )
+    return [owner[chunk] for chunk in range(first.total_chunks)]
+
+
+def combine_stores(stores: list[EmbeddingStore]) -> StoredEmbeddings:
+    """Read one complete extraction, or the shards of one, into arrays in gallery order.
+
+    Raises:
+        ExtractionMismatchError: the stores belong to different jobs (encoder, gallery, chunking), overlap,
+            leave chunks uncovered, or one of them is unfinished; the message says which.
+    """
+    owners = chunk_owners(stores)
+    first = stores[0].spec
     positions, embeddings, rows, skipped = [], [], [], SkipReport()
     for chunk in range(first.total_chunks):
-        content = owner[chunk].read_chunk(chunk)
+        content = owners[chunk].read_chunk(chunk)
         positions.append(content.positions)
         embeddings.append(content.embeddings)
         rows.extend(content.rows)

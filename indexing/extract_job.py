@@ -39,6 +39,7 @@ __all__ = [
     "default_work_dir",
     "extract_gallery",
     "extract_shard",
+    "extraction_spec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,19 +168,7 @@ def extract_gallery(
     """
     if len(gallery) == 0:
         raise DatasetError("cannot index an empty gallery")
-    spec = ExtractionSpec(
-        encoder_id=str(encoder.encoder_id),
-        encoder_path=str(Path(encoder_path).resolve()),
-        dim=encoder.embedding_dim,
-        gallery_source=gallery.source,
-        gallery_count=len(gallery),
-        gallery_fingerprint=gallery.fingerprint(),
-        levels=list(gallery.levels),
-        chunk_size=options.chunk_size,
-        batch_size=options.batch_size,
-        shard_index=shard[0],
-        num_shards=shard[1],
-    )
+    spec = extraction_spec(encoder, encoder_path, gallery, options, shard)
     choice = choose_runtime(options.runtime, options.device, spec.positions(), _resumed_runtime(work_dir, spec))
     logger.info("extraction runtime %s: %s", choice.runtime, choice.reason)
     spec = spec.model_copy(update={"runtime": choice.runtime})
@@ -245,3 +234,32 @@ def extract_shard(
     device = "cpu" if options.runtime == "onnx" and str(options.device) == "auto" else options.device
     encoder = load_encoder(encoder_path, device=device)
     return extract_gallery(encoder, encoder_path, as_gallery(dataset), out_dir, options, shard)[1]
+
+
+def extraction_spec(
+    encoder: Encoder,
+    encoder_path: str | Path,
+    gallery: Gallery,
+    options: ExtractOptions,
+    shard: tuple[int, int],
+    runtime: Literal["torch", "onnx"] = "torch",
+) -> ExtractionSpec:
+    """The ``extraction.json`` of a job: what a resume or a merge checks chunk files against.
+
+    One function for every engine (``extract_gallery``, ``indexing.ray_extract``), so their chunk files are
+    interchangeable: a job started by one continues with the other.
+    """
+    return ExtractionSpec(
+        encoder_id=str(encoder.encoder_id),
+        encoder_path=str(Path(encoder_path).resolve()),
+        dim=encoder.embedding_dim,
+        gallery_source=gallery.source,
+        gallery_count=len(gallery),
+        gallery_fingerprint=gallery.fingerprint(),
+        levels=list(gallery.levels),
+        chunk_size=options.chunk_size,
+        batch_size=options.batch_size,
+        shard_index=shard[0],
+        num_shards=shard[1],
+        runtime=runtime,
+    )

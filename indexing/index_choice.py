@@ -8,6 +8,7 @@ the same ``BuiltIndex``, so a streamed merge and a single build record identical
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,9 @@ from indexing.index_factory import choose_factory, default_memory_budget, parse_
 from indexing.vector_index import DEFAULT_BACKEND, VectorIndex, backend_class
 from retrieval.config import ConfigError
 
-__all__ = ["AUTO_FACTORY", "TUNE_QUERIES", "BuiltIndex", "check_index_options", "resolve_factory"]
+__all__ = ["AUTO_FACTORY", "TUNE_QUERIES", "BuiltIndex", "check_index_options", "log_tuning", "resolve_factory"]
+
+logger = logging.getLogger(__name__)
 
 #: ``factory`` value that lets ``choose_factory`` pick the index type from the gallery size and memory budget.
 AUTO_FACTORY = "auto"
@@ -104,3 +107,15 @@ def check_index_options(
         raise ConfigError(f"--memory-budget sizes FAISS indexes; the {backend} backend sizes its own")
     parse_budget(memory_budget, factory)
     check_target_recall(target_recall)
+
+
+def log_tuning(factory: str, tuning: TuneResult) -> None:
+    """Log what tuning chose and the recall it measured (the build summary and manifest carry the same)."""
+    logger.info(
+        "tuned %s: %s, recall@%d %.3f on %d held-out queries",
+        factory,
+        tuning.params.to_dict(),
+        tuning.k,
+        tuning.recall,
+        tuning.num_queries,
+    )

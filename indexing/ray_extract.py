@@ -46,7 +46,7 @@ import torch
 from indexing.embedding_store import SPEC_FILE, EmbeddingStore, ExtractionMismatchError, ExtractionSpec
 from indexing.errors import IndexFormatError
 from indexing.extract import StoreRun, progress_bar
-from indexing.extract_job import ExtractOptions
+from indexing.extract_job import ExtractOptions, extraction_spec
 from models.checkpoint import load_encoder, read_checkpoint_info
 from models.encoder import Encoder
 from retrieval.config import ConfigError
@@ -61,7 +61,6 @@ __all__ = [
     "RayUnavailableError",
     "RayWorkers",
     "extract_gallery_ray",
-    "extraction_spec",
     "plan_workers",
 ]
 
@@ -218,26 +217,6 @@ def extract_gallery_ray(
     seconds = time.perf_counter() - start
     run = StoreRun(chunks_before, len(missing), collector.embedded, collector.skipped, seconds, "torch")
     return store, replace(run, runtime_reason=workers.describe())
-
-
-def extraction_spec(
-    encoder: Encoder, encoder_path: str | Path, gallery: Gallery, options: ExtractOptions, shard: tuple[int, int]
-) -> ExtractionSpec:
-    """The spec ``extract_gallery`` writes for the torch runtime: the two engines' chunks are interchangeable."""
-    return ExtractionSpec(
-        encoder_id=str(encoder.encoder_id),
-        encoder_path=str(Path(encoder_path).resolve()),
-        dim=encoder.embedding_dim,
-        gallery_source=gallery.source,
-        gallery_count=len(gallery),
-        gallery_fingerprint=gallery.fingerprint(),
-        levels=list(gallery.levels),
-        chunk_size=options.chunk_size,
-        batch_size=options.batch_size,
-        shard_index=shard[0],
-        num_shards=shard[1],
-        runtime="torch",
-    )
 
 
 def _refuse_onnx_resume(work_dir: str | Path, spec: ExtractionSpec) -> None:

@@ -36,10 +36,17 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from indexing.embedding_store import EmbeddingStore, ExtractionMismatchError, ExtractionSpec
+from indexing.embedding_store import EmbeddingStore, ExtractionSpec, chunk_owners
 from indexing.errors import IndexFormatError
 from indexing.faiss_index import FaissIndex
-from indexing.index_choice import AUTO_FACTORY, TUNE_QUERIES, BuiltIndex, check_index_options, resolve_factory
+from indexing.index_choice import (
+    AUTO_FACTORY,
+    TUNE_QUERIES,
+    BuiltIndex,
+    check_index_options,
+    log_tuning,
+    resolve_factory,
+)
 from indexing.index_factory import training_sample_size
 from indexing.metadata import MetadataRow
 from retrieval.data.datasets import DatasetError
@@ -161,7 +168,7 @@ def open_shards(shard_dirs: list[str | Path]) -> ShardSet:
         IndexFormatError: a directory that is not an extraction, or a chunk file that does not fit its spec.
     """
     stores = [EmbeddingStore.open(path) for path in shard_dirs]
-    owners = _chunk_owners(stores)
+    owners = chunk_owners(stores)
     spec = stores[0].spec
     counts = np.zeros(len(owners), np.int64)
     skipped = SkipReport()
@@ -171,48 +178,6 @@ def open_shards(shard_dirs: list[str | Path]) -> ShardSet:
         for path, reason in lost:
             skipped.add(CorruptImageError(path, reason))
     return ShardSet(spec, tuple(owners), counts, skipped)
-
-
-def _chunk_owners(stores: list[EmbeddingStore]) -> list[EmbeddingStore]:
-    """The store holding each chunk, after the checks (and with the messages) of ``combine_stores``."""
-    if not stores:
-        raise ExtractionMismatchError("no extraction directories given")
-    first = stores[0].spec
-    owner: dict[int, EmbeddingStore] = {}
-    for store in stores:
-        differences = first.job_differences(store.spec)
-        if differences:
-            raise ExtractionMismatchError(
-                f"{store.path} is not a shard of the same extraction as {stores[0].path}: {'; '.join(differences)}"
-            )
-        missing = store.missing_chunks()
-        if missing:
-            raise ExtractionMismatchError(
-                f"{store.path} is unfinished: {len(missing)} of {len(store.spec.chunk_numbers())} chunks missing; "
-                f"rerun `retrieval index build --shard {store.spec.shard_index}/{store.spec.num_shards}` to finish it"
-            )
-        for chunk in store.spec.chunk_numbers():
-            if chunk in owner:
-                raise ExtractionMismatchError(f"{owner[chunk].path} and {store.path} both hold chunk {chunk}")
-            owner[chunk] = store
-    uncovered = [c for c in range(first.total_chunks) if c not in owner]
-    if uncovered:
-        raise ExtractionMismatchError(
-            f"the given shards leave {len(uncovered)} of {first.total_chunks} chunks uncovered "
-            f"(first: chunk {uncovered[0]}, gallery positions {first.chunk_positions(uncovered[0]).start}+); "
-            "give every shard directory"
-        )
-    batch_sizes = sorted({s.spec.batch_size for s in stores})
-    if len(batch_sizes) > 1:
-        logger.warning("shards used different batch sizes %s: vectors may differ in the last bits", batch_sizes)
-    runtimes = sorted({s.spec.runtime for s in stores})
-    if len(runtimes) > 1:
-        logger.warning(
-            "shards were embedded by different runtimes (%s): vectors agree to cosine >= 0.9999 (checked when the "
-            "encoder was exported), not bit for bit",
-            ", ".join(runtimes),
-        )
-    return [owner[chunk] for chunk in range(first.total_chunks)]
 
 
 def _chunk_census(store: EmbeddingStore, chunk: int) -> tuple[int, list[tuple[str, str]]]:
@@ -294,14 +259,7 @@ def stream_index(
     if held.size:
         tuning = index.tune(held_vectors, target_recall, seed=seed)
         index.add(held_vectors, held_ids)
-        logger.info(
-            "tuned %s: %s, recall@%d %.3f on %d held-out queries",
-            factory,
-            tuning.params.to_dict(),
-            tuning.k,
-            tuning.recall,
-            tuning.num_queries,
-        )
+        log_tuning(factory, tuning)
     return BuiltIndex(index, factory, reason, tuning)
 
 

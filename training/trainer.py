@@ -83,6 +83,7 @@ from training.objectives.base import Batch, TrainingObjective, create_objective
 from training.optim import adamw, build_scheduler
 from training.progress import TrainProgress
 from training.starting_weights import adopt_checkpoint_architecture, init_provenance
+from training.sync_batchnorm import sync_batchnorm
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -222,7 +223,7 @@ class Trainer:
         self.amp_dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
         if objective is None:
             objective = create_objective(self.config, train_dataset)
-        self.objective = distributed.sync_batchnorm(objective, self.device).to(self.device)
+        self.objective = sync_batchnorm(objective, self.device).to(self.device)
         # the objective may resolve the model section (a student takes its teacher's dimension and id)
         self.config = self.config.model_copy(update={"model": self.objective.model_section()})
         self.objective.set_autocast(self._autocast)

@@ -23,13 +23,12 @@ from PIL import Image
 
 from indexing.builder import index_embeddings
 from indexing.embedding_store import EmbeddingStore, ExtractionMismatchError, combine_stores
-from indexing.extract_job import ExtractOptions, extract_gallery
+from indexing.extract_job import ExtractOptions, extract_gallery, extraction_spec
 from indexing.index_dir import open_index_dir
 from indexing.ray_extract import (
     RAY_INSTALL_HINT,
     RayUnavailableError,
     extract_gallery_ray,
-    extraction_spec,
     plan_workers,
 )
 from models.checkpoint import load_encoder
