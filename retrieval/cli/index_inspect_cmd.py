@@ -78,7 +78,7 @@ def _whitening_line(details: dict[str, Any]) -> str:
 
 def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
     """``IndexDirectory.info()`` as labelled lines for a person to read."""
-    faiss = details["faiss"]
+    backend = details.get("backend", "faiss")
     ids = details["id_range"]
     lines = [
         ("index", details["path"]),
@@ -87,7 +87,8 @@ def describe(details: dict[str, Any]) -> list[tuple[str, str]]:
         ("vectors", f"{details['dim']}-d, {details['metric'].replace('_', ' ')} on L2-normalised vectors"),
         ("whitening", _whitening_line(details)),
         ("factory", f"{details['factory']}" + (f" ({details['factory_reason']})" if details["factory_reason"] else "")),
-        ("search", _search_line(details, faiss)),
+        ("backend", _backend_line(backend, details[backend])),
+        ("search", _search_line(details, details[backend])),
         ("encoder", f"{details['encoder_id']}" + (f" ({details['encoder_path']})" if details["encoder_path"] else "")),
         ("levels", ", ".join(details["levels"]) or "none (unlabelled)"),
         ("thresholds", _thresholds_line(details)),
@@ -116,17 +117,26 @@ def stored_warnings(details: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _checksum_line(details: dict[str, Any]) -> str:
-    if not details["index_sha256"]:
+    in_file = details.get("backend", "faiss") == "faiss"  # a server backend's vectors have no file to hash
+    digest = details["index_sha256"] if in_file else details["metadata_sha256"]
+    if not digest:
         return "not recorded (retrieval index verify INDEX records them)"
-    line = f"sha256 {details['index_sha256']}"
+    line = f"sha256 {digest}" + ("" if in_file else " (metadata.sqlite; the vectors live in the backend)")
     if details.get("verify"):
         line += f" (verified: {details['verify']['vectors_checked']:,} vectors checked)"
     return line
 
 
-def _search_line(details: dict[str, Any], faiss: dict[str, Any]) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in faiss["default_params"].items()) or "exact (no parameter)"
-    nlist = f"; {faiss['nlist']} inverted lists" if faiss["nlist"] else ""
+def _backend_line(backend: str, state: dict[str, Any]) -> str:
+    if backend == "faiss":
+        return "faiss (index.faiss in the directory)"
+    where = ", ".join(f"{key} {state[key]}" for key in ("url", "collection", "physical") if state.get(key))
+    return f"{backend} ({where})" if where else backend
+
+
+def _search_line(details: dict[str, Any], state: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in state.get("default_params", {}).items()) or "exact (no parameter)"
+    nlist = f"; {state['nlist']} inverted lists" if state.get("nlist") else ""
     tuning = details.get("tuning")
     if not tuning:
         return params + nlist

@@ -269,6 +269,11 @@ def test_the_cli_builds_adds_and_searches_a_qdrant_index(tiny_checkpoint, galler
     assert found.exit_code == 0, found.output
     hits = json.loads(found.output)["results"][0]["hits"]
     assert hits[0]["id"] == 25 and all(hit["labels"]["fine"] == "orange" for hit in hits)
+    info = runner.invoke(app, ["index", "info", str(out)])
+    assert info.exit_code == 0, info.output
+    assert "qdrant (url " in info.output and "collection index" in info.output
+    verified = runner.invoke(app, ["index", "verify", str(out)])
+    assert verified.exit_code == 0 and "30 items" in verified.output, verified.output
     # Qdrant options without the backend, and a backend without its URL, are refused before any work
     refused = runner.invoke(app, [*build, "--out", str(tmp_path / "x"), "--qdrant-url", str(storage)])
     assert refused.exit_code == 2 and "--backend qdrant" in refused.output
