@@ -205,7 +205,7 @@ class VectorIndex(ABC):
     """Unit vectors under int64 ids, searchable by inner product; one implementation per backend.
 
     Subclasses set ``backend`` (the name the manifest records) and register themselves with
-    ``VECTOR_BACKENDS.register(backend)``. A new index is created by its constructor, filled with ``train`` (a
+    ``VECTOR_BACKENDS.register(backend)``. A new index is made by ``create``, filled with ``train`` (a
     no-op where nothing is learned) and ``add``, written into an index directory by ``write_to`` and opened
     again by ``open``.
     """
