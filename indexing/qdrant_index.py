@@ -120,6 +120,7 @@ class QdrantIndex(VectorIndex):
         self._exact = bool(exact)
         self._ef_search: int | None = None
         self._indexed_levels: set[str] = set()
+        self._created = False  # made by ``create``: only then may ``discard`` drop the collection
 
     # ------------------------------------------------------------------ creating and opening
 
@@ -171,7 +172,9 @@ class QdrantIndex(VectorIndex):
             release_connection(connection)
             raise
         logger.info("created Qdrant collection %s at %s (dim %d)", physical, location.url, dim)
-        return cls(connection, collection, physical, int(dim), exact=exact)
+        index = cls(connection, collection, physical, int(dim), exact=exact)
+        index._created = True
+        return index
 
     @classmethod
     def connect(cls, options: Mapping[str, Any]) -> QdrantIndex:
@@ -592,8 +595,13 @@ class QdrantIndex(VectorIndex):
             )
 
     def discard(self) -> None:
-        """Drop the physical collection (a write that failed). Failures are logged, not raised: the caller is
-        already handling the error that made it discard, and a leftover collection is named in the log."""
+        """Drop the physical collection this index created (a write that failed); an opened one is never dropped.
+
+        Failures are logged, not raised: the caller is already handling the error that made it discard, and a
+        leftover collection is named in the log.
+        """
+        if not self._created:
+            return
         try:
             self._call("delete_collection", collection_name=self._physical)
         except Exception as exc:  # cleanup after another failure must not hide it

@@ -400,6 +400,19 @@ def test_discard_drops_the_physical_collection(tmp_path, data):
         QdrantIndex.connect(options)
 
 
+def test_discard_never_drops_a_collection_it_only_opened(tmp_path, data):
+    """``index add`` opens the live collection: a failed write there must not delete the index."""
+    index = _create(D, str(tmp_path / "q"), "shop")
+    index.add(data["gallery"][:10], data["ids"][:10])
+    options = index.write_to(tmp_path / "index")
+    opened = QdrantIndex.connect(options)
+    opened.discard()
+    opened.close()
+    assert QdrantIndex.connect(options).ntotal == 10
+    index.discard()
+    index.close()
+
+
 def test_open_checks_the_manifest_dimension(tmp_path, data):
     index = _create(D, ":memory:", "shop")
     options = index.write_to(tmp_path)
