@@ -133,9 +133,28 @@ def write_index_dir(
     except BaseException:
         index.discard()
         raise
-    index.publish(previous)
+    _publish(index, previous, path)
     logger.info("wrote index directory %s (%d items, dim %d)", path, manifest.count, manifest.dim)
     return path
+
+
+def _publish(index: VectorIndex, previous: Manifest | None, path: Path) -> None:
+    """Make the backend's new data live once the directory is in place; a failure there is a warning, not an error.
+
+    The directory is already complete and reads exactly what it was written with (Qdrant: its own physical
+    collection), so searches through it are right; what a failed publish leaves is the backend-side pointer
+    (the Qdrant alias other clients follow) and the previous data, which the message names.
+    """
+    try:
+        index.publish(previous)
+    except Exception as exc:
+        logger.warning(
+            "index directory %s was written, but the %s backend could not make it live for its own clients (%s); "
+            "searches through the directory are unaffected; write the index again to retry",
+            path,
+            index.backend,
+            exc,
+        )
 
 
 def _previous_manifest(path: Path) -> Manifest | None:
@@ -212,7 +231,7 @@ def append_to_index_dir(
             if index.writes_in_place:  # the live collection already holds them: take them out again
                 index.remove(ids)
             raise
-        index.publish(current.manifest)
+        _publish(index, current.manifest, path)
     logger.info("added %d items to %s (now %d)", len(rows), path, manifest.count)
     return first_id, manifest.count
 

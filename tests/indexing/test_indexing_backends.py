@@ -279,3 +279,24 @@ def test_the_cli_builds_adds_and_searches_a_qdrant_index(tiny_checkpoint, galler
     assert refused.exit_code == 2 and "--backend qdrant" in refused.output
     refused = runner.invoke(app, [*build, "--out", str(tmp_path / "x"), "--backend", "qdrant"])
     assert refused.exit_code == 2 and "--qdrant-url" in refused.output
+
+
+def test_a_failed_publish_keeps_the_written_directory_and_warns(
+    tiny_checkpoint, galleries, tmp_path, monkeypatch, caplog
+):
+    """The directory is complete before the alias moves: a server lost at that moment costs the alias only."""
+    pytest.importorskip("qdrant_client")
+    from indexing.qdrant_index import QdrantIndex
+
+    def unreachable(self: Any, previous: Any) -> None:
+        raise ConnectionError("server went away (simulated)")
+
+    monkeypatch.setattr(QdrantIndex, "publish", unreachable)
+    with caplog.at_level("WARNING", logger="indexing.index_dir"):
+        out = _build("qdrant", tiny_checkpoint, galleries["gallery"], tmp_path / "index", tmp_path)
+    assert "could not make it live" in caplog.text and "server went away" in caplog.text
+    queries = _queries(tiny_checkpoint, galleries["gallery"])[:3]
+    with open_index_dir(out) as directory:
+        assert len(directory) == 24
+        assert [res[0].id for res in directory.search(queries, k=1)] == [0, 1, 2]
+        assert directory.index.alias_target() is None  # the alias was never made
