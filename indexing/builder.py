@@ -55,7 +55,7 @@ from indexing.index_choice import (
 from indexing.index_dir import check_replaceable, write_index_dir
 from indexing.manifest import HistoryEntry, Manifest
 from indexing.metadata import MetadataRow
-from indexing.streaming_merge import open_shards, stream_index
+from indexing.streaming_merge import open_shards, stream_backend_index, stream_index
 from indexing.vector_index import DEFAULT_BACKEND, backend_class
 from indexing.whitening import WHITENING_METHODS, Whitening, fit_whitening
 from models.checkpoint import load_encoder
@@ -421,9 +421,12 @@ def merge_shards(
     check_index_options(factory, memory_budget, target_recall, backend)
     stores = [EmbeddingStore.open(path) for path in shard_dirs]
     plan = plan_whitening(whiten, whiten_dim, whiten_images, stores[0].spec.levels if stores else ())
-    if plan is None and backend == DEFAULT_BACKEND:  # stream the chunk files: never every vector at once
+    if plan is None:  # stream the chunk files: never every vector at once
         shard_set = open_shards(shard_dirs)
-        built = stream_index(shard_set, factory, memory_budget, target_recall, progress=progress)
+        if backend == DEFAULT_BACKEND:
+            built = stream_index(shard_set, factory, memory_budget, target_recall, progress=progress)
+        else:
+            built = stream_backend_index(shard_set, factory, backend, backend_options or {}, progress=progress)
         return write_built_index(
             built,
             shard_set.spec,

@@ -28,9 +28,10 @@ import contextlib
 import json
 import logging
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -49,10 +50,11 @@ from indexing.index_choice import (
 )
 from indexing.index_factory import training_sample_size
 from indexing.metadata import MetadataRow
+from indexing.vector_index import backend_class
 from retrieval.data.datasets import DatasetError
 from retrieval.data.images import CorruptImageError, SkipReport
 
-__all__ = ["ADD_BATCH_BYTES", "ShardSet", "open_shards", "stream_index"]
+__all__ = ["ADD_BATCH_BYTES", "ShardSet", "open_shards", "stream_backend_index", "stream_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +243,7 @@ def stream_index(
     """
     total, dim = len(shards), shards.spec.dim
     check_index_options(factory, memory_budget, target_recall)
-    if total == 0:
-        examples = "; ".join(f"{path}: {reason}" for path, reason in shards.skipped.skipped[:3])
-        raise DatasetError(f"none of the {shards.spec.gallery_count} images could be read (e.g. {examples})")
+    _refuse_empty(shards)
     factory, reason = resolve_factory(factory, memory_budget, total, dim)
     logger.info("index type %s (%s)", factory, reason)
     index = FaissIndex(dim, factory)
@@ -261,6 +261,52 @@ def stream_index(
         index.add(held_vectors, held_ids)
         log_tuning(factory, tuning)
     return BuiltIndex(index, factory, reason, tuning)
+
+
+def stream_backend_index(
+    shards: ShardSet,
+    factory: str,
+    backend: str,
+    backend_options: Mapping[str, Any],
+    *,
+    progress: bool = False,
+) -> BuiltIndex:
+    """Fill a backend that builds its own structure (a Qdrant collection) chunk by chunk, with each item's labels.
+
+    Nothing is trained or tuned here (the backend does both itself), so the chunks go in as they are read, in
+    gallery order, each with the labels of its metadata rows; one chunk is in memory at a time. A failure
+    discards what the backend made.
+
+    Raises:
+        DatasetError: the shards keep no vector at all.
+        IndexFormatError: a chunk whose metadata rows do not match its vectors.
+    """
+    total = len(shards)
+    _refuse_empty(shards)
+    index = backend_class(backend).create(shards.spec.dim, factory, backend_options)
+    rows = shards.metadata_rows()
+    try:
+        with _progress_bar("adding", total, progress) as advance:
+            for _, positions, embeddings in shards.chunks():
+                labels = []
+                for position in positions.tolist():
+                    row = next(rows)
+                    if row.id != position:
+                        raise IndexFormatError(f"metadata row {row.id} does not match vector {position}")
+                    labels.append(dict(row.labels))
+                index.add(embeddings, positions, labels=labels)
+                advance(len(positions))
+    except BaseException:
+        index.discard()
+        raise
+    return BuiltIndex(index, index.factory, f"{backend} backend (it chooses and tunes its own index)", None)
+
+
+def _refuse_empty(shards: ShardSet) -> None:
+    """An index of nothing helps no one: say which images failed instead."""
+    if len(shards) == 0:
+        examples = "; ".join(f"{path}: {reason}" for path, reason in shards.skipped.skipped[:3])
+        raise DatasetError(f"none of the {shards.spec.gallery_count} images could be read (e.g. {examples})")
 
 
 def _train(index: FaissIndex, factory: str, shards: ShardSet, seed: int, progress: bool) -> None:

@@ -300,3 +300,25 @@ def test_a_failed_publish_keeps_the_written_directory_and_warns(
         assert len(directory) == 24
         assert [res[0].id for res in directory.search(queries, k=1)] == [0, 1, 2]
         assert directory.index.alias_target() is None  # the alias was never made
+
+
+def test_merging_shards_into_every_backend_streams_the_same_index(
+    backend, tiny_checkpoint, galleries, faiss_reference, tmp_path
+):
+    """``index merge`` adds the shards chunk by chunk to either backend, labels included, and answers as a build."""
+    from indexing.builder import merge_shards
+    from indexing.extract_job import ExtractOptions, extract_shard
+
+    options = ExtractOptions(batch_size=4, chunk_size=5, progress=False, runtime="torch")
+    dataset = CsvImageDataset(galleries["gallery"])
+    shards = [tmp_path / f"shard{i}" for i in range(2)]
+    for i, shard in enumerate(shards):
+        extract_shard(tiny_checkpoint, dataset, shard, (i, 2), options)
+    out = tmp_path / "merged"
+    merge_shards(shards, out, progress=False, backend=backend, backend_options=_options(backend, tmp_path))
+    queries = _queries(tiny_checkpoint, galleries["validation"])
+    warm = LabelFilter("middle", ("warm",))
+    with open_index_dir(out) as merged, open_index_dir(faiss_reference) as reference:
+        assert merged.manifest.backend == backend and merged.manifest.history[0]["shards"] == 2
+        _assert_same_hits(merged.search(queries, k=10), reference.search(queries, k=10))
+        _assert_same_hits(merged.search(queries, k=5, where=warm), reference.search(queries, k=5, where=warm))
