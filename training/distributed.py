@@ -276,6 +276,8 @@ def gather_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 class _GatherLocalSlot(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward pass hands each rank the gradient of its own rows."""
+
     @staticmethod
     def forward(ctx: Any, local: torch.Tensor) -> torch.Tensor:
         pieces = _all_gather_uneven(local, dist.get_world_size())
@@ -311,14 +313,8 @@ def share(count: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-class _GatherSummedGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, local: torch.Tensor) -> torch.Tensor:
-        pieces = _all_gather_uneven(local, dist.get_world_size())
-        rank = dist.get_rank()
-        start = sum(len(piece) for piece in pieces[:rank])
-        ctx.slot = (start, start + len(local))
-        return torch.cat(pieces)
+class _GatherSummedGrad(_GatherLocalSlot):
+    """The same gather; the backward pass first sums the gradient over the ranks (see ``gather_shared``)."""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
