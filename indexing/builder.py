@@ -48,6 +48,7 @@ from indexing.index_choice import (
     TUNE_QUERIES,
     BuiltIndex,
     check_index_options,
+    check_some_readable,
     check_target_recall,
     log_tuning,
     resolve_factory,
@@ -531,9 +532,7 @@ def index_embeddings(
     """Choose, train, fill and tune the index over stored embeddings (whitened first, with ``whitening``) and write
     the index directory (with the whitening file)."""
     spec = stored.spec
-    if len(stored) == 0:
-        examples = "; ".join(f"{path}: {reason}" for path, reason in stored.skipped.skipped[:3])
-        raise DatasetError(f"none of the {spec.gallery_count} images could be read (e.g. {examples})")
+    check_some_readable(len(stored), stored.skipped, spec.gallery_count)
     vectors = stored.embeddings if whitening is None else whitening.apply(stored.embeddings)
     rows = stored.metadata_rows()
     built = make_index(

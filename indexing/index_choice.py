@@ -16,8 +16,18 @@ from indexing.faiss_tuning import TuneResult
 from indexing.index_factory import choose_factory, default_memory_budget, parse_size
 from indexing.vector_index import DEFAULT_BACKEND, VectorIndex, backend_class
 from retrieval.config import ConfigError
+from retrieval.data.datasets import DatasetError
+from retrieval.data.images import SkipReport
 
-__all__ = ["AUTO_FACTORY", "TUNE_QUERIES", "BuiltIndex", "check_index_options", "log_tuning", "resolve_factory"]
+__all__ = [
+    "AUTO_FACTORY",
+    "TUNE_QUERIES",
+    "BuiltIndex",
+    "check_index_options",
+    "check_some_readable",
+    "log_tuning",
+    "resolve_factory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +129,14 @@ def log_tuning(factory: str, tuning: TuneResult) -> None:
         tuning.recall,
         tuning.num_queries,
     )
+
+
+def check_some_readable(count: int, skipped: SkipReport, gallery_count: int) -> None:
+    """An index of nothing helps no one: when no image was readable, say which failed and why.
+
+    Raises:
+        DatasetError: ``count`` is 0.
+    """
+    if count == 0:
+        examples = "; ".join(f"{path}: {reason}" for path, reason in skipped.skipped[:3])
+        raise DatasetError(f"none of the {gallery_count} images could be read (e.g. {examples})")

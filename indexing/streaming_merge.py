@@ -45,13 +45,13 @@ from indexing.index_choice import (
     TUNE_QUERIES,
     BuiltIndex,
     check_index_options,
+    check_some_readable,
     log_tuning,
     resolve_factory,
 )
 from indexing.index_factory import training_sample_size
 from indexing.metadata import MetadataRow
 from indexing.vector_index import backend_class
-from retrieval.data.datasets import DatasetError
 from retrieval.data.images import CorruptImageError, SkipReport
 
 __all__ = ["ADD_BATCH_BYTES", "ShardSet", "open_shards", "stream_backend_index", "stream_index"]
@@ -243,7 +243,7 @@ def stream_index(
     """
     total, dim = len(shards), shards.spec.dim
     check_index_options(factory, memory_budget, target_recall)
-    _refuse_empty(shards)
+    check_some_readable(len(shards), shards.skipped, shards.spec.gallery_count)
     factory, reason = resolve_factory(factory, memory_budget, total, dim)
     logger.info("index type %s (%s)", factory, reason)
     index = FaissIndex(dim, factory)
@@ -282,7 +282,7 @@ def stream_backend_index(
         IndexFormatError: a chunk whose metadata rows do not match its vectors.
     """
     total = len(shards)
-    _refuse_empty(shards)
+    check_some_readable(len(shards), shards.skipped, shards.spec.gallery_count)
     index = backend_class(backend).create(shards.spec.dim, factory, backend_options)
     rows = shards.metadata_rows()
     try:
@@ -300,13 +300,6 @@ def stream_backend_index(
         index.discard()
         raise
     return BuiltIndex(index, index.factory, f"{backend} backend (it chooses and tunes its own index)", None)
-
-
-def _refuse_empty(shards: ShardSet) -> None:
-    """An index of nothing helps no one: say which images failed instead."""
-    if len(shards) == 0:
-        examples = "; ".join(f"{path}: {reason}" for path, reason in shards.skipped.skipped[:3])
-        raise DatasetError(f"none of the {shards.spec.gallery_count} images could be read (e.g. {examples})")
 
 
 def _train(index: FaissIndex, factory: str, shards: ShardSet, seed: int, progress: bool) -> None:
