@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from retrieval.errors import UserFacingError
 
-__all__ = ["GranularityError", "IndexFormatError", "NotCalibratedError", "UnknownGranularityError", "UnknownLevelError"]
+__all__ = [
+    "BackendMismatchError",
+    "GranularityError",
+    "IndexFormatError",
+    "NotCalibratedError",
+    "UnknownGranularityError",
+    "UnknownLevelError",
+]
 
 
 class IndexFormatError(UserFacingError, ValueError):
@@ -29,3 +36,7 @@ class UnknownGranularityError(GranularityError):
 
 class UnknownLevelError(UserFacingError, ValueError):
     """A label filter on a level the index does not have; the message lists the index's levels."""
+
+
+class BackendMismatchError(UserFacingError, ValueError):
+    """A backend option that contradicts the index's manifest (``--backend qdrant`` on a FAISS index, ...)."""

@@ -34,7 +34,13 @@ from typing import Any
 import numpy as np
 
 from indexing.calibration_plot import CALIBRATION_PLOT_FILE
-from indexing.errors import IndexFormatError, NotCalibratedError, UnknownGranularityError, UnknownLevelError
+from indexing.errors import (
+    BackendMismatchError,
+    IndexFormatError,
+    NotCalibratedError,
+    UnknownGranularityError,
+    UnknownLevelError,
+)
 from indexing.faiss_index import INDEX_FILE, FaissIndex
 from indexing.granularity import filter_by_granularity, tag_hits
 from indexing.integrity import check_graph, check_scores, check_vectors, stores_exact_vectors
@@ -57,6 +63,7 @@ __all__ = [
     "IndexDirectory",
     "IndexFormatError",
     "append_to_index_dir",
+    "backend_overrides",
     "check_replaceable",
     "file_sha256",
     "open_index_dir",
@@ -126,7 +133,7 @@ def write_index_dir(
             raise IndexFormatError(
                 f"manifest search_params {manifest.search_params} do not fit the {index.factory!r} index: {exc}"
             ) from None
-    previous = _previous_manifest(path)
+    previous = _readable_manifest(path)
     try:
         with atomic_directory(path) as tmp:
             manifest = _fill_directory(tmp, index, rows, manifest, skipped, whitening)
@@ -157,12 +164,39 @@ def _publish(index: VectorIndex, previous: Manifest | None, path: Path) -> None:
         )
 
 
-def _previous_manifest(path: Path) -> Manifest | None:
-    """The manifest of the directory a write replaces (a backend drops its old data once the new one is live)."""
+def _readable_manifest(path: Path) -> Manifest | None:
+    """The manifest at ``path`` if there is a readable one: the directory a write replaces (a backend drops its
+    old data once the new one is live), or the index whose backend an option is checked against."""
     try:
         return Manifest.read(path / MANIFEST_FILE) if (path / MANIFEST_FILE).is_file() else None
     except IndexFormatError:
         return None
+
+
+def backend_overrides(index: str | Path, backend: str | None, qdrant_url: str | None) -> dict[str, Any]:
+    """The backend options that override an existing index's manifest (``open_index_dir(path, options)``).
+
+    An existing index lives in the backend its manifest names, so ``backend`` is only checked against it, and
+    ``qdrant_url`` reaches the same Qdrant collection through another address. One check for every command and
+    the server; a missing or unreadable manifest is left to ``open_index_dir``, which reports it.
+
+    Raises:
+        BackendMismatchError: ``backend`` names another backend than the manifest, or ``qdrant_url`` is given
+            for an index (or a ``backend``) that is not Qdrant.
+    """
+    if backend is None and qdrant_url is None:
+        return {}
+    if qdrant_url is not None and backend not in (None, "qdrant"):
+        raise BackendMismatchError(f"a Qdrant URL goes with the qdrant backend, not {backend}")
+    manifest = _readable_manifest(Path(index))
+    recorded = manifest.backend if manifest is not None else None
+    if recorded is not None and backend is not None and backend != recorded:
+        raise BackendMismatchError(
+            f"index {index} lives in the {recorded} backend, not {backend}; leave out the backend option"
+        )
+    if recorded is not None and qdrant_url is not None and recorded != "qdrant":
+        raise BackendMismatchError(f"a Qdrant URL applies to Qdrant indexes; {index} is a {recorded} index")
+    return {"url": qdrant_url} if qdrant_url else {}
 
 
 def append_to_index_dir(

@@ -159,23 +159,16 @@ class ServeSettings(BaseSettings):
     @model_validator(mode="after")
     def _backend_matches_index(self) -> ServeSettings:
         """Refuse ``backend``/``qdrant_url`` that contradict the index's manifest (read only when one is given)."""
-        if self.backend is None and self.qdrant_url is None:
-            return self
-        if self.qdrant_url is not None and self.backend not in (None, "qdrant"):
-            raise ValueError(f"qdrant_url goes with the qdrant backend, not {self.backend}")
-        recorded = _recorded_backend(self.index)
-        if recorded is None:  # no readable manifest: opening the index reports that, with its own message
-            return self
-        if self.backend is not None and self.backend != recorded:
-            raise ValueError(
-                f"index {self.index} lives in the {recorded} backend, not {self.backend}; leave out backend"
-            )
-        if self.qdrant_url is not None and recorded != "qdrant":
-            raise ValueError(f"qdrant_url applies to Qdrant indexes; {self.index} is a {recorded} index")
+        from indexing.index_dir import backend_overrides
+
+        backend_overrides(self.index, self.backend, self.qdrant_url)  # BackendMismatchError is a ValueError
         return self
 
     def backend_options(self) -> dict[str, Any]:
-        """Options overriding the index manifest's backend options (``SearchEngine.open(backend_options=...)``)."""
+        """Options overriding the index manifest's backend options (``SearchEngine.open(backend_options=...)``).
+
+        Checked against the manifest when the settings were made (``indexing.index_dir.backend_overrides``).
+        """
         return {"url": self.qdrant_url} if self.qdrant_url else {}
 
     def runtime_options(self) -> dict[str, object]:
@@ -207,17 +200,3 @@ class ServeSettings(BaseSettings):
             "timeout_graceful_shutdown": self.graceful_shutdown_s,
             "limit_concurrency": self.max_connections,
         }
-
-
-def _recorded_backend(index: Path) -> str | None:
-    """The backend the manifest of the index directory at ``index`` names; None when there is no readable one."""
-    from indexing.errors import IndexFormatError
-    from indexing.manifest import Manifest
-
-    manifest_file = index / "manifest.json"
-    if not manifest_file.is_file():
-        return None
-    try:
-        return Manifest.read(manifest_file).backend
-    except (IndexFormatError, OSError):
-        return None

@@ -67,24 +67,6 @@ def new_index_backend(
     return backend, {"url": qdrant_url, "collection": collection or out.resolve().name}
 
 
-def existing_index_backend(backend: str | None, qdrant_url: str | None, index: Path) -> dict[str, Any]:
-    """Backend options overriding an existing index's (``index add``, ``search``, ``serve``); checks ``--backend``.
-
-    Raises:
-        typer.Exit: ``--backend`` names another backend than the index's manifest.
-    """
-    if backend is not None or qdrant_url is not None:
-        from indexing.manifest import Manifest
-
-        manifest_file = index / "manifest.json"
-        recorded = Manifest.read(manifest_file).backend if manifest_file.is_file() else None
-        if backend is not None and recorded is not None and backend != recorded:
-            raise fail(f"index {index} lives in the {recorded} backend, not {backend}; leave out --backend")
-        if qdrant_url is not None and recorded is not None and recorded != "qdrant":
-            raise fail(f"--qdrant-url applies to Qdrant indexes; {index} is a {recorded} index")
-    return {"url": qdrant_url} if qdrant_url else {}
-
-
 def parse_where(values: list[str] | None) -> Any:
     """The ``LabelFilter``s of repeated ``--where`` options (None when there are none).
 

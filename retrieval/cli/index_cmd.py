@@ -16,7 +16,6 @@ import typer
 from retrieval.cli.backend_options import (
     backend_option,
     collection_option,
-    existing_index_backend,
     new_index_backend,
     qdrant_url_option,
 )
@@ -322,10 +321,11 @@ def add(
     with user_errors():
         from indexing.append import add_to_index
         from indexing.extract_job import default_work_dir
+        from indexing.index_dir import backend_overrides
         from retrieval.data.gallery import open_gallery
 
         _check_runtime(runtime)
-        backend_options = existing_index_backend(backend, qdrant_url, index)
+        backend_options = backend_overrides(index, backend, qdrant_url)
         gallery = open_gallery(images)
         with _resume_hint(work_dir or default_work_dir(index, "add-extract")):
             extraction = _extraction_kwargs(

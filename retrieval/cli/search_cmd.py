@@ -16,7 +16,6 @@ import typer
 
 from retrieval.cli.backend_options import (
     backend_option,
-    existing_index_backend,
     parse_where,
     qdrant_url_option,
     where_option,
@@ -99,10 +98,11 @@ def search(
         raise fail("--query-labels colours the contact sheet: give --sheet too")
     filters = parse_where(where)
     with user_errors():
-        backend_options = existing_index_backend(backend, qdrant_url, index)
+        from indexing.index_dir import backend_overrides
         from retrieval.data.images import CorruptImageError, load_image
         from serving.engine import SearchEngine
 
+        backend_options = backend_overrides(index, backend, qdrant_url)
         labelled = _read_query_labels(query_labels) if query_labels is not None else None
 
         loaded, failures = [], []
