@@ -45,7 +45,16 @@ from retrieval.data.images import SkipReport
 from retrieval.data.skipping import ImageSource, SkipCorrupt, collate_skipping, report_skipped
 from retrieval.data.transforms import build_transforms
 
-__all__ = ["BatchEmbedder", "Extraction", "StoreRun", "embed_batches", "extract_embeddings", "extract_to_store"]
+__all__ = [
+    "BatchEmbedder",
+    "ChunkBuffer",
+    "Extraction",
+    "StoreRun",
+    "embed_batches",
+    "embed_images",
+    "extract_embeddings",
+    "extract_to_store",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +236,7 @@ def extract_to_store(
         logger.info(
             "embedding %d of %d chunks (%d images) into %s", len(missing), len(spec.chunk_numbers()), remaining, store
         )
-    pending = _ChunkBuffer(gallery)
+    pending = ChunkBuffer(gallery)
     embedded = skipped_now = 0
     batches = [batch for _, batch in plan]
     stream = _stream(encoder, embedder, gallery, batches, device, num_workers, amp)
@@ -243,8 +252,12 @@ def extract_to_store(
     return StoreRun(chunks_before, len(missing), embedded, skipped_now, time.perf_counter() - start, spec.runtime)
 
 
-class _ChunkBuffer:
-    """The batches of the chunk in progress, until its last batch arrives and it is written."""
+class ChunkBuffer:
+    """The batches of the chunk in progress, until its last batch arrives and it is written.
+
+    Every extraction engine writes its chunks through it (``indexing.ray_extract`` too), so their chunk files
+    hold the same rows and skip reports.
+    """
 
     def __init__(self, gallery: Gallery) -> None:
         self.gallery = gallery
@@ -312,17 +325,26 @@ def embed_batches(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and amp else nullcontext()
     empty = np.zeros((0, encoder.embedding_dim), np.float32)
     with eval_mode(encoder.to(device)), torch.inference_mode():
         for indices, images, skipped in loader:
             if images is None:
                 yield indices.numpy().astype(np.int64), empty, skipped
                 continue
-            with autocast:
-                embeddings = encoder(images.to(device, non_blocking=True))
-            embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
-            yield indices.numpy().astype(np.int64), embeddings.cpu().numpy(), skipped
+            yield indices.numpy().astype(np.int64), embed_images(encoder, images, device, amp), skipped
+
+
+def embed_images(encoder: Encoder, images: torch.Tensor, device: torch.device, amp: bool) -> np.ndarray:
+    """One batch of prepared images through the encoder: ``(n, D)`` float32, L2-normalised.
+
+    Under float16 autocast on CUDA when ``amp``; the embeddings are then taken back to float32 and re-normalised.
+    Every PyTorch extraction path embeds through here (``embed_batches``, the Ray actors), so they agree to
+    the bit. The caller holds the encoder in eval mode on ``device``, under ``torch.inference_mode()``.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" and amp else nullcontext()
+    with autocast:
+        embeddings = encoder(images.to(device, non_blocking=True))
+    return torch.nn.functional.normalize(embeddings.float(), dim=1).cpu().numpy()
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -45,15 +45,14 @@ import torch
 
 from indexing.embedding_store import SPEC_FILE, EmbeddingStore, ExtractionMismatchError, ExtractionSpec
 from indexing.errors import IndexFormatError
-from indexing.extract import StoreRun, progress_bar
+from indexing.extract import ChunkBuffer, StoreRun, embed_images, progress_bar
 from indexing.extract_job import ExtractOptions, extraction_spec
 from models.checkpoint import load_encoder, read_checkpoint_info
-from models.encoder import Encoder
+from models.encoder import Encoder, eval_mode
 from retrieval.config import ConfigError
 from retrieval.data.datasets import DatasetError
 from retrieval.data.gallery import Gallery
-from retrieval.data.images import SkipReport
-from retrieval.data.skipping import SkipCorrupt, collate_skipping, report_skipped
+from retrieval.data.skipping import SkipCorrupt, collate_skipping
 from retrieval.data.transforms import PreprocessConfig, build_transforms
 
 __all__ = [
@@ -396,15 +395,11 @@ class EncoderActor:
         }
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
-        """``(n, D)`` float32 L2-normalised embeddings, computed as ``indexing.extract.embed_batches`` does."""
+        """``(n, D)`` float32 L2-normalised embeddings, computed as the local pipeline computes them."""
         if images.shape[0] == 0:
             return np.zeros((0, self.encoder.embedding_dim), np.float32)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
-            embeddings = self.encoder(images.to(self.device, non_blocking=True))
-        with torch.inference_mode():
-            embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
-        return embeddings.cpu().numpy()
+        with eval_mode(self.encoder), torch.inference_mode():
+            return embed_images(self.encoder, images, self.device, self.amp)
 
 
 class _ChunkCollector:
@@ -433,16 +428,10 @@ class _ChunkCollector:
             del self.expected[chunk]
 
     def _write(self, chunk: int, batches: list[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]) -> None:
-        positions = np.concatenate([p for p, _, _ in batches])
-        embeddings = np.concatenate([e for _, e, _ in batches])
-        report = SkipReport()
-        for _, _, skipped in batches:
-            report_skipped(self.gallery, skipped, report)
-        rows = [
-            {"path": self.gallery.names[i], "labels": self.gallery.labels_of(i), "extra": self.gallery.extra_of(i)}
-            for i in positions.tolist()
-        ]
-        self.store.write_chunk(chunk, positions, embeddings, rows, report.skipped)
+        buffer = ChunkBuffer(self.gallery)
+        for positions, embeddings, skipped in batches:
+            buffer.add(positions, embeddings, skipped)
+        buffer.write(self.store, chunk)
 
     def unfinished(self) -> list[int]:
         return sorted(self.expected)
