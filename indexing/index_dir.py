@@ -62,6 +62,7 @@ __all__ = [
     "WHITENING_FILE",
     "IndexDirectory",
     "IndexFormatError",
+    "Where",
     "append_to_index_dir",
     "backend_overrides",
     "check_replaceable",

@@ -40,6 +40,7 @@ from indexing import (
     open_index_dir,
 )
 from indexing.errors import UnknownLevelError
+from indexing.index_dir import Where
 from indexing.vector_index import LabelFilter
 from retrieval.errors import UserFacingError
 from retrieval.resources import Closeable
@@ -52,7 +53,6 @@ __all__ = [
     "NonFiniteEmbeddingError",
     "QueryVectorError",
     "SearchEngine",
-    "Where",
     "check_compatible",
     "resolve_query_encoder_path",
 ]
@@ -62,9 +62,6 @@ __all__ = [
 NORM_TOLERANCE = 0.01
 
 logger = logging.getLogger(__name__)
-
-#: A search's label filters: one, several (all must match) or none.
-Where = LabelFilter | Sequence[LabelFilter] | None
 
 
 class EncoderMismatchError(UserFacingError, ValueError):
