@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.config import ConfigError
+from training.distributed import gather_embeddings, gather_shared, gather_tensor, share, world
 from training.losses.soft import MixedLabels, SoftLabelLoss
 
 if TYPE_CHECKING:
@@ -131,18 +132,35 @@ class Mixup:
     def embed(
         self, encoder: Encoder, images: torch.Tensor, pairs: MixingPairs | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(clean embeddings (N, D), mixed embeddings (M, D) or None)`` of one encoder forward."""
-        if pairs is None:
-            return encoder(images), None
+        """``(clean embeddings (N, D), mixed embeddings (M, D) or None)``, float32, of one encoder forward.
+
+        Under ``torchrun`` ``images`` is this rank's slice and both returned tensors are the global batch's. The
+        pairs index the global batch, so a mixed item may need two ranks' images: ``embedding`` mixup mixes the
+        gathered embeddings; ``input`` mixup gathers the images (constants: no gradient), mixes this rank's
+        :func:`~training.distributed.share` of the pairs and embeds them in one pass with its own images
+        (BatchNorm sees clean and mixed items together, as in one process); ``feature`` mixup gathers the
+        feature maps with :func:`~training.distributed.gather_shared` (a row's gradient comes from whichever
+        ranks mixed it) and embeds its share of the mixed maps. The mixed shares are gathered in rank order,
+        which restores the pairs' order. In one process every gather is the tensor itself and the share is
+        every pair.
+        """
         kind = self.config.kind
+        if pairs is None or kind == "embedding":
+            clean = gather_embeddings(encoder(images).float())
+            return clean, None if pairs is None else F.normalize(mix(clean, pairs), dim=-1)
+        current = world()
+        mine = share(len(pairs), current.rank, current.size)
+        part = MixingPairs(
+            anchors=pairs.anchors[mine], first=pairs.first[mine], second=pairs.second[mine], lam=pairs.lam[mine]
+        )
         if kind == "input":
-            both = encoder(torch.cat([images, mix(images, pairs)]))
-            return both[: len(images)], both[len(images) :]
-        if kind == "feature":
+            both = encoder(torch.cat([images, mix(gather_tensor(images), part)]))
+            clean_local, mixed_local = both[: len(images)], both[len(images) :]
+        else:
             features = encoder.feature_map(images)
-            return encoder.embed_feature_map(features), encoder.embed_feature_map(mix(features, pairs))
-        clean = encoder(images)
-        return clean, F.normalize(mix(clean.float(), pairs), dim=-1)
+            clean_local = encoder.embed_feature_map(features)
+            mixed_local = encoder.embed_feature_map(mix(gather_shared(features), part))
+        return gather_embeddings(clean_local.float()), gather_embeddings(mixed_local.float())
 
     def loss(
         self,

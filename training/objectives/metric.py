@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from models.encoder import Encoder
 from retrieval.config import ConfigError
@@ -24,9 +23,9 @@ from retrieval.data.datasets import DatasetError, LabelledImageDataset
 from retrieval.data.labels import class_parents
 from retrieval.evaluation.protocols import evaluate_embeddings
 from retrieval.evaluation.report import EvaluationReport
-from training.distributed import gather_embeddings, gather_shared, gather_tensor, share, world
+from training.distributed import gather_embeddings
 from training.losses import create_loss, is_distillation_loss, needs_hierarchy
-from training.mixup import MixingPairs, Mixup, mix
+from training.mixup import Mixup
 from training.objectives.base import OBJECTIVES, Batch, EmbedFn, TrainingObjective
 from training.optim import param_groups
 from training.starting_weights import build_encoder
@@ -146,7 +145,7 @@ def model_loss(
     model has a ``mixup`` step. Shared by the metric objective and each model of a DM² cohort.
 
     Under ``torchrun`` ``images`` is this rank's slice and the embeddings are gathered before the loss (the
-    returned ones are the global batch's); Metrix's mixed items are made by :func:`_embed_mixed_distributed`.
+    returned ones are the global batch's); Metrix's mixed items are made by ``Mixup.embed``.
     """
     if mixup is None:
         with autocast():
@@ -154,43 +153,6 @@ def model_loss(
         clean = gather_embeddings(clean.float())
         return loss_fn(clean, batch.labels), clean
     pairs = mixup.pairs(batch.labels, batch.step)
-    if world().distributed:
-        with autocast():
-            clean, mixed = _embed_mixed_distributed(mixup, encoder, images, pairs)
-        return mixup.loss(clean, batch.labels, mixed, pairs), clean
     with autocast():
         clean, mixed = mixup.embed(encoder, images, pairs)
-    return mixup.loss(clean, batch.labels, mixed, pairs), clean.float()
-
-
-def _embed_mixed_distributed(
-    mixup: Mixup, encoder: Encoder, images: torch.Tensor, pairs: MixingPairs | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``Mixup.embed`` under ``torchrun``: the global batch's clean and mixed float32 embeddings from this rank's
-    slice of the images.
-
-    The pairs index the global batch, so a mixed item may need two ranks' images. ``embedding`` mixup mixes the
-    gathered embeddings. ``input`` mixup gathers the images (constants: no gradient), mixes this rank's
-    :func:`~training.distributed.share` of the pairs and embeds them in one pass with its own images (BatchNorm
-    then sees clean and mixed items together, as in one process, once synchronised). ``feature`` mixup gathers the
-    feature maps with :func:`~training.distributed.gather_shared` (a row's gradient comes from whichever ranks
-    mixed it) and embeds its share of the mixed maps. The mixed shares are gathered in rank order, which restores
-    the pairs' order.
-    """
-    kind = mixup.config.kind
-    if pairs is None or kind == "embedding":
-        clean = gather_embeddings(encoder(images).float())
-        return clean, None if pairs is None else F.normalize(mix(clean, pairs), dim=-1)
-    current = world()
-    mine = share(len(pairs), current.rank, current.size)
-    part = MixingPairs(
-        anchors=pairs.anchors[mine], first=pairs.first[mine], second=pairs.second[mine], lam=pairs.lam[mine]
-    )
-    if kind == "input":
-        both = encoder(torch.cat([images, mix(gather_tensor(images), part)]))
-        clean_local, mixed_local = both[: len(images)], both[len(images) :]
-    else:
-        features = encoder.feature_map(images)
-        clean_local = encoder.embed_feature_map(features)
-        mixed_local = encoder.embed_feature_map(mix(gather_shared(features), part))
-    return gather_embeddings(clean_local.float()), gather_embeddings(mixed_local.float())
+    return mixup.loss(clean, batch.labels, mixed, pairs), clean
